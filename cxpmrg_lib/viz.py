@@ -1,0 +1,161 @@
+"""Figures for the book (matplotlib/seaborn). Each function takes plain data and returns a Figure."""
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from cxpmrg_lib.observations import CHEXPERT_LABELS
+
+SYNTHETIC_NOTE = "synthetic data (phantom): not an estimate of performance on real radiographs"
+
+
+def label_prevalence(tables: Mapping[str, pd.DataFrame], title: str | None = None) -> plt.Figure:
+    """Fraction of studies with each observation positive (solid) and uncertain (hatched), per dataset."""
+    names = list(tables)
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    width = 0.8 / max(1, len(names))
+    x = np.arange(len(CHEXPERT_LABELS))
+    colors = plt.get_cmap("tab10").colors
+    for i, name in enumerate(names):
+        df = tables[name]
+        labels = df.reindex(columns=CHEXPERT_LABELS).astype(float)
+        pos = (labels == 1.0).mean().to_numpy()
+        unc = (labels == -1.0).mean().to_numpy()
+        off = x - 0.4 + width * (i + 0.5)
+        ax.bar(off, pos, width, color=colors[i % 10], label=f"{name} (n={len(df):,}) positive")
+        ax.bar(off, unc, width, bottom=pos, color=colors[i % 10], alpha=0.45, hatch="//",
+               label=f"{name} uncertain")
+    ax.set_xticks(x)
+    ax.set_xticklabels(CHEXPERT_LABELS, rotation=40, ha="right")
+    ax.set_ylabel("fraction of studies")
+    ax.set_title(title or "Label prevalence (14 CheXpert observations)")
+    ax.legend(fontsize=8, ncols=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def report_lengths(tables: Mapping[str, pd.DataFrame], column: str = "report", bins: int = 40) -> plt.Figure:
+    """Histogram of report length in words, one curve per dataset (medians in the legend)."""
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    all_lengths = {n: df[column].fillna("").astype(str).str.split().str.len() for n, df in tables.items()}
+    hi = max((int(v.quantile(0.99)) for v in all_lengths.values() if len(v)), default=10)
+    edges = np.linspace(0, max(hi, 10), bins + 1)
+    for name, lengths in all_lengths.items():
+        ax.hist(lengths, bins=edges, alpha=0.55, density=True,
+                label=f"{name}: median {lengths.median():.0f} words")
+    ax.set_xlabel("report length (words)")
+    ax.set_ylabel("density")
+    ax.set_title("Report length")
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def positive_findings(row: pd.Series) -> list[str]:
+    """Names of the observations a study's labels mark positive (1.0) or uncertain (-1.0, with '?')."""
+    out = []
+    for label in CHEXPERT_LABELS:
+        v = row.get(label, np.nan)
+        if v == 1.0:
+            out.append(label)
+        elif v == -1.0:
+            out.append(label + "?")
+    return out
+
+
+def image_grid(table: pd.DataFrame, root: str | os.PathLike, n: int = 12, cols: int = 4, seed: int = 0,
+               title: str | None = None, note: str | None = SYNTHETIC_NOTE) -> plt.Figure:
+    """A grid of first images with their positive findings as captions (a seeded sample of studies)."""
+    from cxpmrg_lib.data.images import load_image
+    from cxpmrg_lib.data.table import safe_join
+
+    rows = table.sample(n=min(n, len(table)), random_state=seed) if len(table) else table
+    nrow = max(1, int(np.ceil(len(rows) / cols)))
+    fig, axes = plt.subplots(nrow, cols, figsize=(3.0 * cols, 3.3 * nrow), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (_, row) in zip(axes.ravel(), rows.iterrows()):
+        img = load_image(safe_join(root, row["image_paths"][0]))
+        ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+        caption = ", ".join(positive_findings(row)) or "(no labels)"
+        ax.set_title("\n".join(textwrap.wrap(caption, 34)), fontsize=8)
+    if title or note:
+        fig.suptitle("\n".join(t for t in (title, note and f"[{note}]") if t), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def iu_examples(reports: pd.DataFrame, root: str | os.PathLike, study_ids: Sequence[str],
+                table: pd.DataFrame) -> plt.Figure:
+    """Real IU X-Ray reports with their human MeSH terms beside the radiograph rendered from those terms.
+
+    `reports` is the Open-i table (uid, findings, impression, mesh_major); `table` the
+    iu-phantom study table, whose image_paths locate the rendered views.
+    """
+    from cxpmrg_lib.data.images import load_image
+    from cxpmrg_lib.data.table import safe_join
+
+    by_uid = reports.set_index("uid")
+    by_study = table.set_index("study_id")
+    fig, axes = plt.subplots(len(study_ids), 2, figsize=(12, 3.4 * len(study_ids)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2.4]})
+    for (ax_img, ax_txt), uid in zip(axes, study_ids):
+        rep = by_uid.loc[uid]
+        paths = by_study.loc[uid, "image_paths"]
+        ax_img.imshow(load_image(safe_join(root, paths[0])), cmap="gray", vmin=0, vmax=1)
+        ax_img.set_title(f"{uid}: rendered from MeSH", fontsize=9)
+        ax_img.axis("off")
+        text = (f"MeSH (human): {'; '.join(rep['mesh_major'])}\n\n"
+                f"FINDINGS: {rep['findings'] or '(none)'}\n\nIMPRESSION: {rep['impression'] or '(none)'}")
+        wrapped = "\n".join("\n".join(textwrap.wrap(par, 95)) if par else "" for par in text.split("\n"))
+        ax_txt.text(0, 1, wrapped, va="top", ha="left", fontsize=8.5, family="monospace",
+                    transform=ax_txt.transAxes)
+        ax_txt.axis("off")
+    fig.suptitle("Real IU X-Ray reports (Open-i, CC BY-NC-ND 4.0) and the synthetic radiographs rendered "
+                 "from their MeSH terms", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write a figure atomically (PNG/SVG by suffix)."""
+    from cxpmrg_lib.fileio import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    return path
+
+
+def table_preview(table: pd.DataFrame, n: int = 8, width: int = 110) -> pd.DataFrame:
+    """A readable head of a study table: id, split, images, positive findings, start of the report."""
+    head = table.head(n)
+    return pd.DataFrame({
+        "study_id": head["study_id"],
+        "split": head["split"],
+        "images": head["image_paths"].map(len),
+        "findings (labels)": head.apply(lambda r: ", ".join(positive_findings(r)) or "-", axis=1),
+        "report": head["report"].map(lambda t: textwrap.shorten(str(t), width=width, placeholder=" ...")),
+    }).reset_index(drop=True)
+
+
+def choose_iu_examples(reports: pd.DataFrame, table: pd.DataFrame, n: int = 4, seed: int = 0) -> list[str]:
+    """Pick IU studies worth showing: one normal, the rest with several MeSH findings, seeded."""
+    have = reports[reports["uid"].isin(set(table["study_id"])) & (reports["findings"].str.len() > 0)]
+    rng = np.random.default_rng(seed)
+    is_normal = have["mesh_major"].map(lambda terms: list(terms) == ["normal"])
+    rich = have[have["mesh_major"].map(len) >= 2]
+    picks = []
+    if is_normal.any():
+        picks.append(have[is_normal]["uid"].iloc[int(rng.integers(is_normal.sum()))])
+    pool = list(rich["uid"]) or list(have["uid"])
+    rng.shuffle(pool)
+    picks += [u for u in pool if u not in picks][: max(0, n - len(picks))]
+    return picks

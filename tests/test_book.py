@@ -1,0 +1,69 @@
+"""The main job end to end on tiny data: papermill runs the notebooks, Jupyter Book 1.x builds the HTML."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from cxpmrg_lib.pipeline import NOTEBOOKS, NotebookFailed, run_book
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _copy_book(dst: Path) -> Path:
+    shutil.copytree(ROOT / "book", dst, ignore=shutil.ignore_patterns("_build", "notebooks"))
+    return dst
+
+
+@pytest.mark.slow
+def test_smoke_book_builds_with_data_chapter(tmp_path):
+    book = _copy_book(tmp_path / "book")
+    data_root = tmp_path / "data"
+    steps = run_book(book_dir=book, smoke=True, params={"data_root": str(data_root)})
+    assert [s.notebook for s in steps] == NOTEBOOKS + ["jupyter-book build"]
+
+    # the executed notebook has outputs and no error outputs
+    nb = nbformat.read(book / "notebooks" / "00_data.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    n_png = sum("image/png" in o.get("data", {}) for o in outputs)
+    assert n_png >= 4, f"expected the 4 data figures, found {n_png} images"
+
+    html = book / "_build" / "html"
+    index = (html / "index.html").read_text()
+    assert "What here is real and what is synthetic" in index
+    page = (html / "notebooks" / "00_data.html").read_text()
+    for heading in ("The study table", "Labels and report length", "Phantom radiographs",
+                    "Real IU X-Ray reports"):
+        assert heading in page
+    imgs = re.findall(r'<img[^>]+src="([^"]+)"', page)
+    assert len(imgs) >= 4
+    for src in imgs:
+        if not src.startswith("data:"):
+            assert (html / "notebooks" / src).resolve().exists(), f"broken image {src}"
+    times = json.loads((book / "_build" / "pipeline_times.json").read_text())
+    assert set(times["steps"]) == set(NOTEBOOKS) | {"jupyter-book build"}
+    # the data was written where asked, under names that encode its settings (reused next time)
+    assert sorted(p.name for p in data_root.iterdir()) == ["iu-phantom_n120_96px_s0", "phantom_n60_96px_s0"]
+
+
+def test_failing_notebook_stops_the_run_and_names_the_cell(tmp_path):
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("raise ValueError('bad row 7 in table.csv')")]
+    nbformat.write(nb, nbdir / "00_data.ipynb")
+    book = tmp_path / "book"
+    with pytest.raises(NotebookFailed, match=r"00_data.ipynb failed in cell 2 .*raise ValueError.*: ValueError: bad row 7"):
+        run_book(book_dir=book, notebooks_dir=nbdir, build=False, params={"x": 2})
+    assert not (book / "notebooks" / "00_data.ipynb").exists()
+    assert (book / "notebooks" / "00_data.failed.ipynb").exists()
+
+
+def test_unknown_notebook_name_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown notebook"):
+        run_book(book_dir=tmp_path, only=["99_nothing"], build=False)
