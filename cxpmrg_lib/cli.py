@@ -46,7 +46,7 @@ def _cmd_data_check(a: argparse.Namespace) -> int:
         opts["section"] = a.section
     if a.split:
         opts["split"] = a.split
-    report = check_tree(a.root, kind=a.kind, **opts)
+    report = check_tree(a.root, kind=a.kind, verify_images=a.verify_images, **opts)
     if a.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CheXpert Plus: which section is the target report")
     ck.add_argument("--split", choices=["official", "patient"], default=None,
                     help="CheXpert Plus: official train/valid or patient-level 70/10/20")
+    ck.add_argument("--verify-images", type=int, default=100, metavar="N",
+                    help="decode a seeded sample of N images (-1: every image; default 100)")
     ck.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ck.set_defaults(func=_cmd_data_check)
 

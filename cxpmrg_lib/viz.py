@@ -159,3 +159,23 @@ def choose_iu_examples(reports: pd.DataFrame, table: pd.DataFrame, n: int = 4, s
     rng.shuffle(pool)
     picks += [u for u in pool if u not in picks][: max(0, n - len(picks))]
     return picks
+
+
+def mesh_mapping_table(iu_root: str | os.PathLike, top: int = 12) -> pd.DataFrame:
+    """The iu-phantom's MeSH terms: the most frequent drawn and not-drawn ones, side by side, with totals."""
+    import json
+
+    m = json.loads((Path(iu_root) / "mesh_mapping.json").read_text())
+    drawn = list(m["mapped"].items())[:top]
+    not_drawn = list(m["unmapped"].items())[:top]
+    n = max(len(drawn), len(not_drawn))
+    pad = lambda xs: xs + [("", None)] * (n - len(xs))  # noqa: E731
+    rows = [
+        {"drawn term": d[0], "studies (drawn)": d[1], "not drawn": u[0], "studies (not drawn)": u[1]}
+        for d, u in zip(pad(drawn), pad(not_drawn))
+    ]
+    rows.append({"drawn term": f"total: {m['mapped_terms']:,} terms", "studies (drawn)": None,
+                 "not drawn": f"total: {m['unmapped_terms']:,} terms", "studies (not drawn)": None})
+    out = pd.DataFrame(rows).astype({"studies (drawn)": "Int64", "studies (not drawn)": "Int64"})
+    out.attrs["studies"] = m["studies"]
+    return out

@@ -32,7 +32,7 @@ def test_smoke_book_builds_with_data_chapter(tmp_path):
     assert n_png >= 4, f"expected the 4 data figures, found {n_png} images"
 
     html = book / "_build" / "html"
-    index = (html / "index.html").read_text()
+    index = (html / "intro.html").read_text()
     assert "What here is real and what is synthetic" in index
     page = (html / "notebooks" / "00_data.html").read_text()
     for heading in ("The study table", "Labels and report length", "Phantom radiographs",
