@@ -59,7 +59,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from cxpmrg_lib.evaluate import evaluate_file, format_evaluation
 
     result = evaluate_file(a.predictions, against=a.against, meteor=not a.no_meteor,
-                           n_boot=a.n_boot, convention=a.convention, seed=a.seed)
+                           n_boot=a.n_boot, convention=a.convention, seed=a.seed, alpha=a.alpha,
+                           method=a.method)
     print(format_evaluation(result))
     return 0
 
@@ -137,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
     ev.add_argument("--convention", default="r2gen", choices=["r2gen", "example", "uncertain_positive"],
                     help="CE convention for the headline ce_* numbers (all are reported)")
+    ev.add_argument("--method", default="bootstrap", choices=["bootstrap", "permutation"],
+                    help="paired test with --against: paired bootstrap or approximate randomisation")
+    ev.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level of the CIs (default 0.05)")
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=_cmd_evaluate)
 

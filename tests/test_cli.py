@@ -41,3 +41,31 @@ def test_check_on_missing_root_is_a_clear_error(tmp_path, capsys):
     code = main(["data", "check", str(tmp_path / "nowhere")])
     assert code == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_evaluate_command_prints_table_writes_json_and_runs_paired_test(tmp_path, capsys):
+    refs = ["no pleural effusion . heart size is normal .", "small left pleural effusion .",
+            "mild cardiomegaly . no pneumothorax .", "right lower lobe consolidation .",
+            "the lungs are clear .", "moderate pulmonary edema ."] * 5
+    good = list(refs)
+    good[0] = "heart size is normal ."
+    bad = ["the lungs are clear ."] * len(refs)
+    ids = [f"s{i}" for i in range(len(refs))]
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    pd.DataFrame({"study_id": ids, "reference": refs, "prediction": good}).to_csv(a, index=False)
+    pd.DataFrame({"study_id": ids[::-1], "reference": refs[::-1], "prediction": bad}).to_csv(b, index=False)
+    assert main(["evaluate", "--predictions", str(a), "--against", str(b), "--no-meteor",
+                 "--n-boot", "200", "--method", "permutation"]) == 0
+    text = capsys.readouterr().out
+    assert "bleu4" in text and "ce_f1" in text
+    result = json.loads((tmp_path / "a.metrics.json").read_text())
+    assert result["metrics"]["bleu4"] > 0.8 and result["n_studies"] == len(refs)
+    lo, hi = result["ci"]["bleu4"]
+    assert lo <= result["metrics"]["bleu4"] <= hi
+    flat = json.dumps(result)
+    assert "p_value" in flat
+    # a file without the prediction column is a clear error naming the file
+    pd.DataFrame({"study_id": ids, "reference": refs}).to_csv(tmp_path / "c.csv", index=False)
+    assert main(["evaluate", "--predictions", str(tmp_path / "c.csv"), "--no-meteor"]) == 2
+    err = capsys.readouterr().err
+    assert "c.csv" in err and "prediction" in err

@@ -244,3 +244,62 @@ def test_loads_through_the_loaders(phantom, tmp_path):
         r2 = pytest.importorskip("cxpmrg_lib.data.r2gen", reason="r2gen loader not written yet")
         out = write_iu_phantom(tmp_path / "iu", size=64, seed=1, limit=20, workers=1)
         assert len(r2.load_r2gen(out, dataset="iu_xray")) == 20
+
+
+# ----------------------------------------------------------------------------- fast-path building blocks
+def test_png_writer_round_trips_through_pil():
+    import io
+
+    from cxpmrg_lib.data.phantom import _png_bytes
+
+    rng = np.random.default_rng(0)
+    img = render_study(sample_study_spec(rng), 256, rng)
+    for im in (img, rng.integers(0, 256, (37, 53)).astype(np.uint8), np.zeros((1, 1), np.uint8)):
+        data = _png_bytes(im)
+        back = Image.open(io.BytesIO(data))
+        back.load()
+        assert back.mode == "L" and back.size == im.shape[::-1]
+        assert np.array_equal(np.asarray(back), im)
+    assert len(_png_bytes(img)) < 0.8 * img.size  # the filter + entropy coding do compress
+
+
+def test_segments_equal_the_brute_force_stroke():
+    from cxpmrg_lib.data.phantom_render import _bezier, _canvas
+
+    cv = _canvas(96)
+    pts = np.concatenate([_bezier((0.6, 0.3), (0.1, 0.2), (-0.05, 0.9), 8), _bezier((-0.05, 0.9), (-0.2, 1.2), (0.3, 1.6), 6)[1:]])
+    width, value = 0.02, 0.8
+    got = np.zeros((96, 96), np.float32)
+    cv.polyline(got, pts, width, value)
+    # distance of every pixel centre to the nearest segment, by brute force in float64
+    X, Y = np.meshgrid(cv.x.astype(float), cv.y.astype(float))
+    dist = np.full(X.shape, np.inf)
+    for (x0, y0), (x1, y1) in zip(pts[:-1].astype(float), pts[1:].astype(float)):
+        dx, dy = x1 - x0, y1 - y0
+        t = np.clip(((X - x0) * dx + (Y - y0) * dy) / (dx * dx + dy * dy), 0, 1)
+        dist = np.minimum(dist, np.hypot(X - x0 - t * dx, Y - y0 - t * dy))
+    soft = max(cv.px, width / 2)
+    want = value * np.clip((width - dist) / soft + 0.5, 0, 1)
+    assert np.abs(got - want).max() < 1e-4
+    assert (want > 0.5).sum() > 100  # the stroke is really there
+
+
+def test_upsampling_and_positioning_match_pil():
+    from cxpmrg_lib.data.phantom_render import _affine, _affine_to, _upsample2
+
+    img = (np.random.default_rng(1).random((40, 40)) * 200).astype(np.float32)
+    pil = np.asarray(Image.fromarray(img, mode="F").resize((80, 80), Image.BILINEAR))
+    assert np.abs(_upsample2(img) - pil).max() < 1e-3
+    ours, ref = _affine(img, 3.0, 1.04, 0.03, -0.02), _affine_to(img, 40, 3.0, 1.04, 0.03, -0.02)
+    assert np.abs(ours - ref)[3:-3, 3:-3].max() < 0.05  # same warp inside the frame
+    assert np.abs(_affine(img, 0.0, 1.0, 0.0, 0.0) - img).max() < 1e-3  # identity
+
+
+def test_odd_sizes_take_the_general_path():
+    spec = sample_study_spec(np.random.default_rng(8))
+    for size in (97, 161):  # 161 px: drawn at 81 px, warped straight to 161
+        im = render_study(spec, size, np.random.default_rng(2))
+        assert im.shape == (size, size) and 60 < im.mean() < 200
+    small = render_study(spec, 160, np.random.default_rng(2)).astype(float)
+    odd = np.asarray(Image.fromarray(render_study(spec, 161, np.random.default_rng(2))).resize((160, 160), Image.BILINEAR))
+    assert np.abs(small - odd).mean() < 12  # the same picture, up to grain and resampling

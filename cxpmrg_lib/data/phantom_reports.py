@@ -8,7 +8,9 @@ a positive mention gives 1.0, a hedged one ("possible", "may represent",
 aggregate sentences CheXpert-style (positive > uncertain > negative), and No
 Finding is 1.0 when nothing but Support Devices is positive or uncertain in a
 non-empty section. Conventions a rule labeller should follow on this text:
-- "The lungs are clear." and "No acute cardiopulmonary process." name no observation.
+- "The lungs are clear." is a pertinent negative for Lung Opacity only (a clear lung has
+  no opacity; consolidation, edema etc. stay unmentioned); "No acute cardiopulmonary
+  process." names no observation.
 - "cardiomediastinal silhouette is normal" negates both Enlarged Cardiomediastinum
   and Cardiomegaly; "Heart size is normal." negates Cardiomegaly only.
 - "consistent with / compatible with" is positive; every hedged sentence names one
@@ -232,7 +234,8 @@ def _negatives(absent: set[str], rng, impression: bool = False) -> list[Sentence
                             neg("Enlarged Cardiomediastinum")))
         parenchyma = {"Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis"}
         if parenchyma <= absent and rng.random() < 0.7:
-            out.append((_pick(rng, ["The lungs are clear.", "Lungs are clear.", "The lungs are well expanded and clear."]), {}))
+            out.append((_pick(rng, ["The lungs are clear.", "Lungs are clear.", "The lungs are well expanded and clear."]),
+                        neg("Lung Opacity")))
         if "Edema" in absent and rng.random() < 0.3:
             out.append((_pick(rng, ["No pulmonary edema.", "There is no edema."]), neg("Edema")))
         if "Lung Lesion" in absent and rng.random() < 0.15:
