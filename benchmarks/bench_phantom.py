@@ -7,7 +7,7 @@ rounds, so other load on the machine matters little), end-to-end studies/s of
 its 2-core projection, and the 1-minute load average next to every figure.
 
 Baseline: set CXPMRG_PHANTOM_BASELINE=<dir>:<package> to a copy of an older
-phantom.py / phantom_render.py / phantom_reports.py (+ errors.py, openi.py) saved as
+phantom*.py modules (+ errors.py, openi.py, fileio.py) saved as
 <dir>/<package>/, e.g. /tmp/phantom_orig/pkg:phantom_orig.
 Full IU X-Ray set (3,927 studies, 2 views): CXPMRG_BENCH_IU_FULL=1 (else 500 studies).
 
