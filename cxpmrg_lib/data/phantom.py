@@ -20,7 +20,7 @@ import multiprocessing as mp
 import os
 import struct
 import zlib
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from cxpmrg_lib.fileio import atomic_dir
 from cxpmrg_lib.observations import CHEXPERT_LABELS
 
 from .errors import DataError
-from .phantom_render import (DEVICE_KINDS, OBSERVATIONS, Anatomy, Finding, StudySpec, render_lateral,
+from .phantom_render import (OBSERVATIONS, Anatomy, Finding, StudySpec, render_lateral,
                              render_study, sample_anatomy)
 from .phantom_reports import write_report
 

@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from .phantom_canvas import _clip, _frozen
+from .phantom_canvas import _canvas, _clip, _Fields, _frozen, _Thorax
 from .phantom_spec import Anatomy
 
 
@@ -168,3 +168,16 @@ class _LazyRngs:
         if g is None:
             g = self.made[i] = np.random.default_rng(int(self.seeds[i]))
         return g
+
+
+def _start_view(spec, size: int, rng: np.random.Generator):
+    """What every view draws from first: canvas, then all per-study randomness in a fixed order.
+
+    Returns (internal size S, canvas, grain bytes, texture fields, lazy per-finding rngs, thorax).
+    """
+    S = _internal_size(size)
+    cv = _canvas(S)
+    grain = _grain_bytes(rng, size)
+    fields = _Fields(S, rng)
+    fr = _LazyRngs(rng.integers(0, 2**31, 16))
+    return S, cv, grain, fields, fr, _Thorax(spec.anatomy, spec.findings)

@@ -5,9 +5,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from .phantom_acquire import _acquire, _grain_bytes, _internal_size, _LazyRngs
-from .phantom_canvas import (_BONE, _LUNG_AIR, _TISSUE, _bezier, _box, _canvas, _clip, _Fields, _frozen, _ramp,
-                             _ramp_, _Thorax)
+from .phantom_acquire import _acquire, _start_view
+from .phantom_canvas import (_BONE, _LUNG_AIR, _TISSUE, _bezier, _box, _canvas, _clip, _frozen, _ramp, _ramp_)
 from .phantom_findings import _apply_box
 from .phantom_spec import SEVERITY_SCALE, ZONE_T, StudySpec
 
@@ -77,12 +76,7 @@ def render_lateral(spec: StudySpec, size: int, rng: np.random.Generator) -> np.n
     devices are shown; pneumothorax, fracture and pleural thickening are not.
     """
     a = spec.anatomy
-    S = _internal_size(size)
-    cv = _canvas(S)
-    grain = _grain_bytes(rng, size)
-    fields = _Fields(S, rng)
-    fr = _LazyRngs(rng.integers(0, 2**31, 16))
-    th = _Thorax(a, spec.findings)
+    S, cv, grain, fields, fr, th = _start_view(spec, size, rng)
     x, y = cv.x, cv.y
     soft = 1.5 * cv.px
     # body: antero-posterior thickness, thinner at the neck

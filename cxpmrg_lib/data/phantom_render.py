@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .phantom_acquire import _acquire, _grain_bytes, _internal_size, _LazyRngs
-from .phantom_canvas import (_BONE, _LUNG_AIR, _METAL, _TISSUE, _canvas, _clip, _Fields, _frontal_static,
-                             _hilar_fields, _ramp_, _shoulder_girdle, _Thorax)
+from .phantom_acquire import _acquire, _start_view
+from .phantom_canvas import (_BONE, _LUNG_AIR, _METAL, _TISSUE, _clip, _frontal_static,
+                             _hilar_fields, _ramp_, _shoulder_girdle)
 from .phantom_findings import _draw_device, _draw_lung_finding, _draw_ribs
 from .phantom_spec import StudySpec
 
 # Re-exported: the public names the rest of the package imports from here, and the
 # helpers the tests check (the code lives in phantom_spec / _canvas / _acquire / _lateral).
 from .phantom_acquire import _affine, _affine_to, _upsample2  # noqa: F401
-from .phantom_canvas import _bezier  # noqa: F401
+from .phantom_canvas import _bezier, _canvas  # noqa: F401
 from .phantom_lateral import render_lateral  # noqa: F401
 from .phantom_spec import (DEVICE_KINDS, OBSERVATIONS, SEVERITY_SCALE, SIDES, ZONE_T, ZONES,  # noqa: F401
                            Anatomy, Finding, sample_anatomy)
@@ -41,14 +41,8 @@ __all__ = ["DEVICE_KINDS", "OBSERVATIONS", "SEVERITY_SCALE", "SIDES", "ZONE_T", 
 def render_study(spec: StudySpec, size: int, rng: np.random.Generator) -> np.ndarray:
     """Frontal (PA/AP) radiograph of `spec` as a (size, size) uint8 array."""
     a = spec.anatomy
-    S = _internal_size(size)
-    cv = _canvas(S)
     # all randomness first, in a fixed order (see the module docstring)
-    grain = _grain_bytes(rng, size)
-    fields = _Fields(S, rng)
-    fr = _LazyRngs(rng.integers(0, 2**31, 16))
-
-    th = _Thorax(a, spec.findings)
+    S, cv, grain, fields, fr, th = _start_view(spec, size, rng)
     x, y, ax = cv.x, cv.y, cv.ax
     soft = 1.5 * cv.px
 
