@@ -56,6 +56,7 @@ import numpy as np
 import pandas as pd
 
 from cxpmrg_lib import labeler_rules as R
+from cxpmrg_lib.data.text import is_blank
 from cxpmrg_lib.observations import CHEXPERT_LABELS, NEGATIVE, POSITIVE, UNCERTAIN
 
 log = logging.getLogger(__name__)
@@ -195,14 +196,6 @@ _RANK = {POSITIVE: 3, UNCERTAIN: 2, NEGATIVE: 1}
 _FROM_RANK = {r: v for v, r in _RANK.items()}
 
 
-def _is_blank(text) -> bool:
-    if text is None:
-        return True
-    if isinstance(text, float) and math.isnan(text):
-        return True
-    return not str(text).strip()
-
-
 def _label_sentence(t: str, clear_lungs_negate: bool, use_triggers: bool) -> tuple:
     """Values of the 13 observations (NaN = not mentioned) in one normalised sentence."""
     out = [math.nan] * len(_OBSERVATIONS)
@@ -250,7 +243,7 @@ def label_report(text, clear_lungs_negate: bool = True, use_triggers: bool = Tru
     `use_triggers=False` scans every observation's regex even when none of its trigger
     substrings occurs (same labels, slower; for testing the shortcut)."""
     out = {k: math.nan for k in CHEXPERT_LABELS}
-    if _is_blank(text):
+    if is_blank(text):
         return out
     best = [0] * len(_OBSERVATIONS)
     for sent in _SENT_END.split(normalise(str(text))):

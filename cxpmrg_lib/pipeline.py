@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,10 +22,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The pipeline, in order. Later issues append notebooks here and to book/_toc.yml.
 NOTEBOOKS = ["00_data"]
-
-# Defaults of the full book run; a notebook's own parameters cell holds the same values,
-# so `papermill notebooks/00_data.ipynb out.ipynb` alone gives the same result.
-FULL_PARAMS: dict = {}
 
 # A smoke run checks the whole pipeline in minutes on tiny data (tests use it).
 SMOKE_PARAMS = {
@@ -54,7 +49,9 @@ def run_book(book_dir: str | os.PathLike = "book", params: dict | None = None, s
     """Execute the pipeline notebooks into `book_dir/notebooks/` and build `book_dir/_build/html`."""
     book_dir = Path(book_dir).resolve()
     notebooks_dir = Path(notebooks_dir or REPO_ROOT / "notebooks").resolve()
-    base = dict(FULL_PARAMS)
+    # The full run uses each notebook's own parameters cell, so `papermill notebooks/NN.ipynb`
+    # alone gives the same result; only the folders are made absolute here.
+    base: dict = {}
     if smoke:
         base.update(SMOKE_PARAMS)
         base.setdefault("data_root", str(book_dir.parent / "runs" / "smoke" / "data"))
@@ -158,9 +155,3 @@ def build_html(book_dir: Path) -> Path:
 def _fmt(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
-
-
-def clean_book(book_dir: str | os.PathLike = "book") -> None:
-    book_dir = Path(book_dir)
-    for p in (book_dir / "_build", book_dir / "notebooks"):
-        shutil.rmtree(p, ignore_errors=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from cxpmrg_lib.data.errors import DataError
 from cxpmrg_lib.observations import CHEXPERT_LABELS
@@ -87,12 +88,7 @@ def _verify_images(df: pd.DataFrame, root: Path, verify_images: int, seed: int) 
     if verify_images >= 0 and len(paths) > verify_images:
         paths = random.Random(seed).sample(paths, verify_images)
     bad = []
-    try:
-        from tqdm.auto import tqdm
-        it = tqdm(paths, desc="decoding images", disable=len(paths) < 500)
-    except ImportError:  # pragma: no cover
-        it = paths
-    for p in it:
+    for p in tqdm(paths, desc="decoding images", disable=len(paths) < 500):
         try:
             load_image(root / p)
         except ImageLoadError as e:
