@@ -1,9 +1,6 @@
 """detect_kind / check_tree / format_check / load_study_table dispatch."""
-import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import cxpmrg_lib.data as data
 from cxpmrg_lib.data.check import check_tree, detect_kind, format_check

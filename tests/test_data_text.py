@@ -1,5 +1,4 @@
 """Report cleaning and robust decoding."""
-import math
 
 import numpy as np
 import pandas as pd

@@ -13,7 +13,6 @@ from PIL import Image
 from cxpmrg_lib.data.phantom import (CHEXPERT_PLUS_COLUMNS, Anatomy, Finding, StudySpec, expected_prevalence,
                                      mesh_to_findings, render_study, sample_study_spec, write_iu_phantom,
                                      write_phantom)
-from cxpmrg_lib.data.phantom_render import sample_anatomy
 from cxpmrg_lib.observations import CHEXPERT_LABELS
 
 
