@@ -31,7 +31,11 @@ book: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# mambapy (a pure-PyTorch Mamba) is only the scan benchmark's baseline: installed here, not a dependency.
+MAMBAPY_PIN := mambapy==1.2.0
+
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps $(MAMBAPY_PIN)
 	$(BIN)/python -m pytest -q -m benchmark -s benchmarks
 
 clean-book:

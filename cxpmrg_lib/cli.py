@@ -65,6 +65,45 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------ pretrain
+def _cmd_pretrain_autoregressive(a: argparse.Namespace) -> int:
+    from cxpmrg_lib.stages import AutoregressiveConfig, pretrain_autoregressive, read_summary
+
+    root = a.dataset_root
+    if root is None:
+        from cxpmrg_lib.data.prepare import ensure_phantom
+
+        root = str(ensure_phantom(a.data_root, a.phantom_studies, a.phantom_size, a.seed))
+    cfg = AutoregressiveConfig(dataset_root=root, dataset_kind=a.kind, preset=a.preset, run_root=a.run_root,
+                               epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
+                               seed=a.seed, max_images=a.max_images, device=a.device)
+    run_dir = pretrain_autoregressive(cfg)
+    summary = read_summary(run_dir)
+    print(f"stage 1 done: {run_dir} ({summary['steps']} steps, final loss {summary['final_loss']:.4f})")
+    return 0
+
+
+# ---------------------------------------------------------------------------- perf
+def _cmd_perf_scan(a: argparse.Namespace) -> int:
+    from cxpmrg_lib.perf_scan import benchmark_scan, format_scan_table
+
+    result = benchmark_scan(lengths=tuple(a.lengths), batch=a.batch, channels=a.channels, state=a.state,
+                            repeats=a.repeats, include_mambapy=not a.no_mambapy, out_json=a.out)
+    print(format_scan_table(result))
+    print(f"wrote {a.out}")
+    return 0
+
+
+def _cmd_perf_encoder(a: argparse.Namespace) -> int:
+    from cxpmrg_lib.perf_encoder import benchmark_encoder, format_encoder_table
+
+    result = benchmark_encoder(sizes=tuple(a.sizes), batch=a.batch, repeats=a.repeats, preset=a.preset,
+                               out_json=a.out)
+    print(format_encoder_table(result))
+    print(f"wrote {a.out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- book
 def _cmd_book(a: argparse.Namespace) -> int:
     from cxpmrg_lib.pipeline import run_book
@@ -143,6 +182,46 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level of the CIs (default 0.05)")
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=_cmd_evaluate)
+
+    # pretrain
+    pt = sub.add_parser("pretrain", help="run a pre-training stage (cached by config hash in the run folder)")
+    ptsub = pt.add_subparsers(dest="stage", required=True)
+    ar = ptsub.add_parser("autoregressive", help="stage 1: autoregressive pixel pre-training of the encoder")
+    ar.add_argument("--dataset-root", default=None, help="dataset tree (default: the embedded phantom)")
+    ar.add_argument("--kind", default="auto", help="auto | chexpert_plus | r2gen")
+    ar.add_argument("--data-root", default="data", help="where the phantom is written when no --dataset-root")
+    ar.add_argument("--phantom-studies", type=int, default=3000)
+    ar.add_argument("--phantom-size", type=int, default=256)
+    ar.add_argument("--preset", default="tiny", help="tiny | base | large")
+    ar.add_argument("--run-root", default="runs")
+    ar.add_argument("--epochs", type=float, default=None, help="default: the preset's")
+    ar.add_argument("--max-steps", type=int, default=None)
+    ar.add_argument("--batch-size", type=int, default=None)
+    ar.add_argument("--lr", type=float, default=None)
+    ar.add_argument("--max-images", type=int, default=None, help="use only the first N training images")
+    ar.add_argument("--seed", type=int, default=0)
+    ar.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ar.set_defaults(func=_cmd_pretrain_autoregressive)
+
+    # perf
+    pf = sub.add_parser("perf", help="speed and memory benchmarks (print a table, write JSON)")
+    pfsub = pf.add_subparsers(dest="bench", required=True)
+    sc = pfsub.add_parser("scan", help="selective scan forward+backward: ours vs the sequential reference and mambapy")
+    sc.add_argument("--lengths", type=int, nargs="+", default=[64, 196, 784])
+    sc.add_argument("--batch", type=int, default=8)
+    sc.add_argument("--channels", type=int, default=192)
+    sc.add_argument("--state", type=int, default=16)
+    sc.add_argument("--repeats", type=int, default=5)
+    sc.add_argument("--no-mambapy", action="store_true", help="skip mambapy (when it is not installed)")
+    sc.add_argument("--out", type=Path, default=Path("runs/perf/scan.json"))
+    sc.set_defaults(func=_cmd_perf_scan)
+    en = pfsub.add_parser("encoder", help="training images/s of the Vision Mamba encoder vs a same-sized ViT")
+    en.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 384, 512])
+    en.add_argument("--batch", type=int, default=8)
+    en.add_argument("--repeats", type=int, default=3)
+    en.add_argument("--preset", default="tiny")
+    en.add_argument("--out", type=Path, default=Path("runs/perf/encoder.json"))
+    en.set_defaults(func=_cmd_perf_encoder)
 
     # book
     bk = sub.add_parser("book", help="run the notebooks through papermill and build the Jupyter Book")

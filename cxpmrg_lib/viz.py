@@ -179,3 +179,78 @@ def mesh_mapping_table(iu_root: str | os.PathLike, top: int = 12) -> pd.DataFram
     out = pd.DataFrame(rows).astype({"studies (drawn)": "Int64", "studies (not drawn)": "Int64"})
     out.attrs["studies"] = m["studies"]
     return out
+
+
+def loss_curve(history: Sequence[Mapping], title: str = "Training loss", key: str = "loss",
+               smooth: int = 5, note: str | None = None) -> plt.Figure:
+    """Loss per optimizer step (thin) and its running mean over `smooth` log lines (thick)."""
+    rows = [r for r in history if key in r and "step" in r]
+    if not rows:
+        raise ValueError(f"no {key!r} values in the training history")
+    steps = np.array([r["step"] for r in rows])
+    values = np.array([r[key] for r in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    ax.plot(steps, values, lw=0.8, alpha=0.45, color="tab:blue", label=key)
+    if len(values) >= smooth > 1:
+        kernel = np.ones(smooth) / smooth
+        ax.plot(steps[smooth - 1:], np.convolve(values, kernel, mode="valid"), lw=2, color="tab:blue",
+                label=f"running mean ({smooth} points)")
+    lrs = [r.get("lr") for r in rows]
+    if all(v is not None for v in lrs):
+        ax2 = ax.twinx()
+        ax2.plot(steps, lrs, color="tab:gray", lw=1, ls="--", label="learning rate")
+        ax2.set_ylabel("learning rate", color="tab:gray")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=7, color="gray")
+    fig.tight_layout()
+    return fig
+
+
+def reconstruction_grid(recon: Mapping[str, "np.ndarray"], n: int = 4,
+                        title: str = "Autoregressive prediction of clusters 2..K") -> plt.Figure:
+    """Rows of input / target clusters / predicted clusters (cluster 1 is context, never predicted)."""
+    columns = [("input", "input"), ("target", "target clusters"), ("prediction", "predicted clusters")]
+    n = min(n, len(recon["input"]))
+    fig, axes = plt.subplots(n, 3, figsize=(7.2, 2.4 * n), squeeze=False)
+    for i in range(n):
+        lo, hi = np.nanpercentile(np.asarray(recon["input"][i, 0]), [1, 99])
+        for j, (key, label) in enumerate(columns):
+            img = np.asarray(recon[key][i, 0], dtype=float)
+            ax = axes[i, j]
+            ax.imshow(np.ma.masked_invalid(img), cmap="gray", vmin=lo, vmax=hi)
+            ax.set_facecolor("#203040")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(label, fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def probe_comparison(tables: Mapping[str, pd.DataFrame], title: str = "Linear probe AUROC per label") -> plt.Figure:
+    """Per-label AUROC bars for several encoders (tables from probe.probe_auroc(...).per_label)."""
+    names = list(tables)
+    labels = list(next(iter(tables.values()))["label"])
+    x = np.arange(len(labels))
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for i, name in enumerate(names):
+        t = tables[name].set_index("label").reindex(labels)
+        mean = t["auroc"].mean()
+        ax.bar(x - 0.4 + width * (i + 0.5), t["auroc"].fillna(0), width, label=f"{name} (mean {mean:.3f})")
+    ax.axhline(0.5, color="k", lw=0.8, ls=":", label="chance")
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=40, ha="right")
+    ax.set_ylim(0.3, 1.0)
+    ax.set_ylabel("test AUROC")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig

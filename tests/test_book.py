@@ -43,6 +43,12 @@ def test_smoke_book_builds_with_data_chapter(tmp_path):
     for src in imgs:
         if not src.startswith("data:"):
             assert (html / "notebooks" / src).resolve().exists(), f"broken image {src}"
+    # stage 1 chapter: loss curve, reconstructions, probe figure, from a stage-1 run in the smoke run root
+    page = (html / "notebooks" / "01_autoregressive.html").read_text()
+    for heading in ("Loss curve", "What the decoder predicts", "linear probe"):
+        assert heading in page
+    assert len(re.findall(r'<img[^>]+src="([^"]+)"', page)) >= 3
+    assert "mean AUROC" in page
     times = json.loads((book / "_build" / "pipeline_times.json").read_text())
     assert set(times["steps"]) == set(NOTEBOOKS) | {"jupyter-book build"}
     # the data was written where asked, under names that encode its settings (reused next time)

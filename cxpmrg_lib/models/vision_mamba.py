@@ -1,0 +1,259 @@
+"""The MambaXray-VL visual encoder: patches -> Vision Mamba blocks -> tokens and a pooled vector.
+
+Blocks are RMSNorm -> Mamba mixer -> residual, RMSNorm -> SwiGLU MLP -> residual.
+The mixer's parameters carry mamba_ssm's `Mamba` names (in_proj, conv1d, x_proj,
+dt_proj, A_log, D, out_proj) so one state dict serves the CPU scan and the CUDA
+kernel. Stage 1 scans one way (a causal sequence, which the autoregressive head
+needs); stages 2-3 scan four ways (rows forward/backward, columns forward/backward)
+with the extra directions' weights copied from the 1-way ones (`expand_to_four_way`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxpmrg_lib.models.ssm import selective_scan
+
+__all__ = ["EncoderConfig", "VisionMamba", "MambaMixer", "EncoderOutput", "expand_to_four_way",
+           "sincos_pos_embed_2d", "DIRECTIONS", "DIRECTION_PARAMS"]
+
+# Suffix of each scan direction's private parameters; "" is the 1-way direction (mamba_ssm names).
+DIRECTIONS = {"1-way": ("",), "4-way": ("", "_b", "_col", "_col_b")}
+# Parameters each direction owns (in_proj and out_proj are shared by all directions).
+DIRECTION_PARAMS = ("conv1d", "x_proj", "dt_proj", "A_log", "D")
+
+
+@dataclass
+class EncoderConfig:
+    image_size: int = 128
+    patch_size: int = 16
+    in_chans: int = 1
+    dim: int = 128
+    depth: int = 8
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 1
+    mlp_ratio: float = 4.0
+    scan: str = "1-way"
+    dt_rank: int | None = None       # None: ceil(dim / 16), as in mamba_ssm
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.scan not in DIRECTIONS:
+            raise ValueError(f"scan must be one of {sorted(DIRECTIONS)}, not {self.scan!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EncoderOutput:
+    tokens: torch.Tensor                      # (B, L, dim), after the final norm
+    pooled: torch.Tensor                      # (B, dim), mean over tokens
+    layers: list[torch.Tensor] = field(default_factory=list)  # hidden states after the requested blocks
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2D sine-cosine position embedding, (grid*grid, dim), row-major like the patches."""
+    if dim % 4:
+        raise ValueError(f"embedding width {dim} must be divisible by 4 for a 2D sin-cos embedding")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def embed(pos):
+        angles = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([embed(rows), embed(cols)], dim=1).float()
+
+
+class MambaMixer(nn.Module):
+    """A Mamba-1 mixer over a token sequence, with one private parameter set per scan direction."""
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 1,
+                 dt_rank: int | None = None, directions: Sequence[str] = ("",), grid: int | None = None):
+        super().__init__()
+        self.d_inner = expand * dim
+        self.d_state, self.d_conv = d_state, d_conv
+        self.dt_rank = dt_rank or math.ceil(dim / 16)
+        self.directions = tuple(directions)
+        self.grid = grid
+        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+        for suffix in self.directions:
+            self._add_direction(suffix)
+
+    def _add_direction(self, suffix: str) -> None:
+        d, n, r = self.d_inner, self.d_state, self.dt_rank
+        conv = nn.Conv1d(d, d, self.d_conv, groups=d, padding=self.d_conv - 1, bias=True)
+        x_proj = nn.Linear(d, r + 2 * n, bias=False)
+        dt_proj = nn.Linear(r, d, bias=True)
+        dt_proj._is_dt_proj = True
+        # mamba_ssm's initialisation: dt log-uniform in [1e-3, 1e-1] through the softplus bias.
+        std = r ** -0.5
+        nn.init.uniform_(dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(d) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        with torch.no_grad():
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        a_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d, 1))
+        a_log._no_weight_decay = True
+        skip = nn.Parameter(torch.ones(d))
+        skip._no_weight_decay = True
+        self.add_module("conv1d" + suffix, conv)
+        self.add_module("x_proj" + suffix, x_proj)
+        self.add_module("dt_proj" + suffix, dt_proj)
+        self.register_parameter("A_log" + suffix, a_log)
+        self.register_parameter("D" + suffix, skip)
+
+    def _reorder(self, x: torch.Tensor, suffix: str, inverse: bool = False) -> torch.Tensor:
+        """Put a (B, C, L) row-major sequence into the direction's scan order, or back with inverse."""
+        flip, transpose = suffix.endswith("_b"), suffix.startswith("_col")
+        if transpose:
+            b, c, length = x.shape
+            if self.grid is None or self.grid ** 2 != length:
+                raise ValueError(f"column scans need the full square grid of tokens; got {length} tokens "
+                                 f"for grid {self.grid}")
+        if flip and inverse:
+            x = x.flip(-1)
+        if transpose:
+            # the transpose of a square grid is its own inverse
+            x = x.reshape(b, c, self.grid, self.grid).transpose(-1, -2).reshape(b, c, length)
+        if flip and not inverse:
+            x = x.flip(-1)
+        return x
+
+    def _scan(self, x: torch.Tensor, z: torch.Tensor, suffix: str) -> torch.Tensor:
+        length = x.shape[-1]
+        conv = getattr(self, "conv1d" + suffix)
+        x = F.silu(conv(x)[..., :length])
+        x_dbl = getattr(self, "x_proj" + suffix)(x.transpose(1, 2))          # (B, L, r + 2n)
+        dt, b_in, c_in = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt_proj = getattr(self, "dt_proj" + suffix)
+        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)                   # (B, d, L); bias goes to the scan
+        a = -torch.exp(getattr(self, "A_log" + suffix).float())
+        return selective_scan(x, delta, a, b_in.transpose(1, 2), c_in.transpose(1, 2),
+                              D=getattr(self, "D" + suffix).float(), z=z, delta_bias=dt_proj.bias.float(),
+                              delta_softplus=True)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, L, dim) -> (B, L, dim); with several directions their outputs are averaged."""
+        xz = self.in_proj(hidden).transpose(1, 2)                           # (B, 2d, L)
+        x, z = xz.chunk(2, dim=1)
+        total = None
+        for suffix in self.directions:
+            y = self._scan(self._reorder(x, suffix), self._reorder(z, suffix), suffix)
+            y = self._reorder(y, suffix, inverse=True)
+            total = y if total is None else total + y
+        y = total / len(self.directions)
+        return self.out_proj(y.transpose(1, 2))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(gate) * value)
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mixer = MambaMixer(cfg.dim, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank,
+                                DIRECTIONS[cfg.scan], cfg.grid)
+        self.norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        hidden = int(round(cfg.dim * cfg.mlp_ratio * 2 / 3 / 8)) * 8
+        self.mlp = SwiGLU(cfg.dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionMamba(nn.Module):
+    """Images (B, C, S, S) -> EncoderOutput. Grey input feeds an RGB encoder by repetition and vice versa."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.dim, cfg.grid)[None], persistent=False)
+        self.blocks = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.depth))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.apply(_init_linear)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) -> (B, grid*grid, dim) row-major patch tokens with positions added."""
+        cfg = self.config
+        if images.ndim != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
+        if images.shape[-1] != cfg.image_size or images.shape[-2] != cfg.image_size:
+            raise ValueError(f"encoder expects {cfg.image_size}x{cfg.image_size} images, "
+                             f"got {images.shape[-2]}x{images.shape[-1]}")
+        if images.shape[1] != cfg.in_chans:
+            if images.shape[1] == 1:
+                images = images.expand(-1, cfg.in_chans, -1, -1)
+            elif cfg.in_chans == 1:
+                images = images.mean(dim=1, keepdim=True)
+            else:
+                raise ValueError(f"encoder takes {cfg.in_chans} channels, got {images.shape[1]}")
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        return x + self.pos_embed.to(x.dtype)
+
+    def forward_tokens(self, x: torch.Tensor, return_layers: Sequence[int] = ()) -> EncoderOutput:
+        """Run the blocks on a token sequence (B, L, dim); `return_layers` are 1-based block depths."""
+        wanted = set(return_layers)
+        bad = [d for d in wanted if not 1 <= d <= len(self.blocks)]
+        if bad:
+            raise ValueError(f"return_layers {bad} outside 1..{len(self.blocks)}")
+        layers = []
+        for depth, block in enumerate(self.blocks, start=1):
+            x = block(x)
+            if depth in wanted:
+                layers.append(x)
+        tokens = self.norm(x)
+        return EncoderOutput(tokens=tokens, pooled=tokens.mean(dim=1), layers=layers)
+
+    def forward(self, images: torch.Tensor, return_layers: Sequence[int] = ()) -> EncoderOutput:
+        return self.forward_tokens(self.embed(images), return_layers)
+
+
+def _init_linear(module: nn.Module) -> None:
+    """Biases start at zero, except dt_proj's, which sets the initial step sizes."""
+    if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module, "_is_dt_proj", False):
+        nn.init.zeros_(module.bias)
+
+
+def expand_to_four_way(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A 1-way encoder state dict -> a 4-way one: each new direction starts as a copy of the 1-way weights."""
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if part in DIRECTION_PARAMS and i > 0 and parts[i - 1] == "mixer":
+                for suffix in DIRECTIONS["4-way"][1:]:
+                    new = ".".join(parts[:i] + [part + suffix] + parts[i + 1:])
+                    out[new] = value.clone()
+                break
+    return out

@@ -1,0 +1,140 @@
+"""The Vision Mamba encoder: shapes per preset, scan directions, 1-way -> 4-way weight copy."""
+import pytest
+import torch
+
+from cxpmrg_lib.models.arm import ARMPretrainer
+from cxpmrg_lib.models.vision_mamba import (DIRECTION_PARAMS, EncoderConfig, MambaMixer, VisionMamba,
+                                            expand_to_four_way, sincos_pos_embed_2d)
+from cxpmrg_lib.presets import PRESETS, get_preset
+
+MAMBA_NAMES = {"in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
+               "dt_proj.bias", "A_log", "D", "out_proj.weight"}
+
+
+def small(**kw):
+    return EncoderConfig(**{"image_size": 32, "patch_size": 8, "dim": 32, "depth": 2, **kw})
+
+
+def test_mixer_parameter_names_follow_mamba_ssm():
+    enc = VisionMamba(small())
+    names = {k.split("mixer.", 1)[1] for k in enc.state_dict() if ".mixer." in k and k.startswith("blocks.0.")}
+    assert names == MAMBA_NAMES
+    mixer = enc.blocks[0].mixer
+    assert mixer.A_log.shape == (32, 16) and mixer.conv1d.kernel_size == (4,) and mixer.d_inner == 32
+    # A = -(1..N) at init, dt = softplus(bias) inside mamba_ssm's [1e-3, 1e-1]
+    assert torch.allclose(-torch.exp(mixer.A_log[0]), -torch.arange(1, 17).float())
+    dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("name", ["tiny", "base"])
+def test_preset_shapes(name):
+    preset = get_preset(name)
+    cfg = preset.encoder
+    with torch.device("meta"):
+        model = ARMPretrainer(preset.arm)
+    n_params = sum(p.numel() for p in model.encoder.parameters())
+    if name == "base":
+        assert cfg.dim == 768 and cfg.depth == 12 and cfg.image_size == 192
+        assert preset.arm.num_clusters == 9 and preset.arm.decoder_dim == 512
+        assert 60e6 < n_params < 120e6
+    x = torch.randn(2, 1, cfg.image_size, cfg.image_size)
+    if name == "tiny":
+        model = ARMPretrainer(preset.arm)
+        out = model(x)
+        k = preset.arm.num_clusters
+        assert out["pred"].shape == (2, (k - 1) * 16, cfg.patch_size ** 2)
+        assert torch.isfinite(out["loss"])
+        enc = model.encoder(x)
+        assert enc.tokens.shape == (2, cfg.num_patches, cfg.dim) and enc.pooled.shape == (2, cfg.dim)
+
+
+def test_large_preset_on_meta_device():
+    preset = get_preset("large")
+    assert preset.encoder.dim == 1024 and preset.encoder.depth == 24
+    assert preset.arm.feature_layers == (12, 16, 20, 24)
+    with torch.device("meta"):
+        enc = VisionMamba(EncoderConfig(**{**preset.encoder.to_dict(), "scan": "4-way"}))
+        tokens = enc.embed(torch.empty(2, 1, 192, 192))
+    assert tokens.shape == (2, 144, 1024) and tokens.device.type == "meta"
+    n_params = sum(p.numel() for p in enc.parameters())
+    assert 200e6 < n_params < 450e6
+
+
+def test_presets_are_copies():
+    p = get_preset("tiny")
+    p.arm.encoder.dim = 999
+    assert PRESETS["tiny"].arm.encoder.dim != 999
+
+
+def test_grey_and_rgb_inputs():
+    torch.manual_seed(0)
+    grey = VisionMamba(small())
+    rgb = VisionMamba(small(in_chans=3))
+    x = torch.randn(2, 1, 32, 32)
+    assert rgb(x).tokens.shape == (2, 16, 32)
+    assert grey(x.expand(-1, 3, -1, -1)).tokens.shape == (2, 16, 32)
+    with pytest.raises(ValueError, match="32x32"):
+        grey(torch.randn(1, 1, 40, 40))
+
+
+def test_sincos_position_embedding_is_fixed_and_distinct():
+    pe = sincos_pos_embed_2d(32, 4)
+    assert pe.shape == (16, 32)
+    assert torch.cdist(pe, pe).add(torch.eye(16) * 10).min() > 0.1
+    enc = VisionMamba(small())
+    assert "pos_embed" not in dict(enc.named_parameters())
+
+
+def _dependence(mixer: MambaMixer, direction: str, grid: int) -> torch.Tensor:
+    """dep[i, j] = True when output token i depends on input token j through that one direction."""
+    mixer.directions = (direction,)
+    x = torch.randn(1, grid * grid, mixer.in_proj.in_features, dtype=torch.float64, requires_grad=True)
+    y = mixer.double()(x)
+    dep = torch.zeros(grid * grid, grid * grid, dtype=torch.bool)
+    for i in range(grid * grid):
+        (g,) = torch.autograd.grad(y[0, i].sum(), x, retain_graph=True)
+        dep[i] = g[0].abs().sum(-1) > 0
+    return dep
+
+
+@pytest.mark.parametrize("direction", ["", "_b", "_col", "_col_b"])
+def test_each_scan_direction_reads_tokens_in_its_order(direction):
+    torch.manual_seed(0)
+    grid = 3
+    mixer = MambaMixer(8, d_state=4, directions=("", "_b", "_col", "_col_b"), grid=grid)
+    dep = _dependence(mixer, direction, grid)
+    rows, cols = torch.arange(9) // 3, torch.arange(9) % 3
+    pos = {"": rows * 3 + cols, "_b": 8 - (rows * 3 + cols), "_col": cols * 3 + rows,
+           "_col_b": 8 - (cols * 3 + rows)}[direction]
+    expected = pos[None, :] <= pos[:, None]        # causal in the direction's own order
+    assert torch.equal(dep, expected)
+
+
+def test_four_way_copy_starts_every_direction_from_the_one_way_weights():
+    torch.manual_seed(0)
+    one = VisionMamba(small())
+    four = VisionMamba(small(scan="4-way"))
+    sd = expand_to_four_way(one.state_dict())
+    four.load_state_dict(sd, strict=True)
+    m = four.blocks[1].mixer
+    for name in DIRECTION_PARAMS:
+        for suffix in ("_b", "_col", "_col_b"):
+            a, b = getattr(m, name), getattr(m, name + suffix)
+            a = a.weight if hasattr(a, "weight") else a
+            b = b.weight if hasattr(b, "weight") else b
+            assert torch.equal(a, b)
+    # copies, not shared storage: training one direction leaves the others
+    with torch.no_grad():
+        m.A_log_b.add_(1.0)
+    assert not torch.equal(m.A_log, m.A_log_b)
+    # the extra directions read the grid in other orders, so the 4-way output differs from the 1-way one
+    x = torch.randn(2, 1, 32, 32)
+    assert four(x).tokens.shape == one(x).tokens.shape
+    assert not torch.allclose(four(x).tokens, one(x).tokens)
+
+
+def test_column_scans_need_the_full_grid():
+    mixer = MambaMixer(8, d_state=4, directions=("", "_col"), grid=3)
+    with pytest.raises(ValueError, match="full square grid"):
+        mixer(torch.randn(1, 6, 8))
