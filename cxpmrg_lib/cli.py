@@ -83,6 +83,20 @@ def _cmd_pretrain_autoregressive(a: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------ generate
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from cxpmrg_lib.generate import ReportGenerator
+
+    generator = ReportGenerator.from_pretrained(a.run)
+    decoding = {"num_beams": a.beams} if a.beams else {}
+    report = generator.generate(a.images, **decoding)
+    if a.json:
+        print(json.dumps({"run": str(a.run), "images": [str(p) for p in a.images], "report": report}))
+    else:
+        print(report)
+    return 0
+
+
 # ---------------------------------------------------------------------------- perf
 def _cmd_perf_scan(a: argparse.Namespace) -> int:
     from cxpmrg_lib.perf_scan import benchmark_scan, format_scan_table
@@ -202,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--seed", type=int, default=0)
     ar.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ar.set_defaults(func=_cmd_pretrain_autoregressive)
+
+    # generate
+    gn = sub.add_parser("generate", help="write the report for one study's images with a trained stage-3 run")
+    gn.add_argument("--run", required=True, type=Path, help="a stage-3 run directory (runs/.../finetune/<hash>)")
+    gn.add_argument("images", nargs="+", type=Path, help="the study's image files (PNG/JPEG, any size)")
+    gn.add_argument("--beams", type=int, default=None, help="beam size (default: the run's, 3 as in the paper)")
+    gn.add_argument("--json", action="store_true", help="print a JSON object instead of the bare report")
+    gn.set_defaults(func=_cmd_generate)
 
     # perf
     pf = sub.add_parser("perf", help="speed and memory benchmarks (print a table, write JSON)")

@@ -10,6 +10,8 @@ import copy
 from dataclasses import dataclass, field
 
 from cxpmrg_lib.models.arm import ARMConfig
+from cxpmrg_lib.models.report_lm import ReportLMConfig
+from cxpmrg_lib.models.text_encoder import TextEncoderConfig
 from cxpmrg_lib.models.vision_mamba import EncoderConfig
 
 __all__ = ["Preset", "PRESETS", "get_preset"]
@@ -20,6 +22,12 @@ class Preset:
     name: str
     arm: ARMConfig
     stage1: dict = field(default_factory=dict)   # TrainConfig defaults for autoregressive pre-training
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    proj_dim: int = 256                          # shared image/report space of stage 2 (paper: 2048)
+    stage2: dict = field(default_factory=dict)   # TrainConfig defaults for contrastive pre-training
+    report_lm: ReportLMConfig = field(default_factory=ReportLMConfig)   # the report LM (fresh, or pretrained=PATH)
+    lm_stage: dict = field(default_factory=dict)  # TrainConfig defaults for training a fresh report LM
+    stage3: dict = field(default_factory=dict)    # TrainConfig defaults for report fine-tuning
     note: str = ""
 
     @property
@@ -34,6 +42,12 @@ PRESETS: dict[str, Preset] = {
         arm=ARMConfig(encoder=EncoderConfig(image_size=128, patch_size=16, dim=128, depth=8),
                       decoder_dim=128, decoder_heads=4, feature_layers=(2, 4, 6, 8)),
         stage1=dict(batch_size=32, lr=1.5e-3, weight_decay=0.05, epochs=8, min_lr_ratio=0.05, clip_grad=1.0),
+        text=TextEncoderConfig(hidden=128, layers=2, heads=4, max_length=128),
+        proj_dim=256,
+        stage2=dict(batch_size=32, lr=5e-4, weight_decay=0.05, epochs=3, min_lr_ratio=0.05, clip_grad=1.0),
+        report_lm=ReportLMConfig(hidden_size=192, num_layers=4, num_heads=6, intermediate_size=512, max_position=320),
+        lm_stage=dict(batch_size=32, lr=1e-3, weight_decay=0.05, epochs=6, min_lr_ratio=0.05, clip_grad=1.0),
+        stage3=dict(batch_size=16, lr=3e-4, weight_decay=0.05, epochs=3, min_lr_ratio=0.05, clip_grad=1.0),
         note="CPU default; phantom data",
     ),
     # The paper's sizes: 192 px / patch 16 = 12x12 grid = 9 clusters; decoder width 512, 4 blocks.
@@ -42,6 +56,9 @@ PRESETS: dict[str, Preset] = {
         arm=ARMConfig(encoder=EncoderConfig(image_size=192, patch_size=16, dim=768, depth=12),
                       decoder_dim=512, decoder_heads=16, feature_layers=(6, 8, 10, 12)),
         stage1=dict(batch_size=256, lr=1.5e-4, weight_decay=0.05, epochs=100, min_lr_ratio=0.01),
+        text=TextEncoderConfig(hidden=768, layers=12, heads=12, max_length=256),  # or pretrained=Bio_ClinicalBERT
+        proj_dim=2048,
+        stage2=dict(batch_size=128, lr=5e-5, weight_decay=0.05, epochs=10, min_lr_ratio=0.01),
         note="paper size (768 x 12), GPU",
     ),
     "large": Preset(
@@ -49,6 +66,9 @@ PRESETS: dict[str, Preset] = {
         arm=ARMConfig(encoder=EncoderConfig(image_size=192, patch_size=16, dim=1024, depth=24),
                       decoder_dim=512, decoder_heads=16, feature_layers=(12, 16, 20, 24)),
         stage1=dict(batch_size=256, lr=1.5e-4, weight_decay=0.05, epochs=100, min_lr_ratio=0.01),
+        text=TextEncoderConfig(hidden=768, layers=12, heads=12, max_length=256),
+        proj_dim=2048,
+        stage2=dict(batch_size=128, lr=5e-5, weight_decay=0.05, epochs=10, min_lr_ratio=0.01),
         note="paper size (1024 x 24), GPU",
     ),
 }

@@ -65,7 +65,8 @@ def probe_autoregressive(run_dir, dataset_root, kind: str = "auto", loader: dict
                          limit: int | None = None, seed: int = 0, test_split: str = "test") -> dict[str, ProbeResult]:
     """The linear probe on a stage-1 encoder and on a randomly initialised one of the same shape."""
     from cxpmrg_lib.models.arm import ARMPretrainer
-    from cxpmrg_lib.stages import load_autoregressive, load_split
+    from cxpmrg_lib.stage_data import load_split
+    from cxpmrg_lib.stages import load_autoregressive
 
     trained = load_autoregressive(run_dir)
     torch.manual_seed(seed)

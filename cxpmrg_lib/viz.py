@@ -254,3 +254,119 @@ def probe_comparison(tables: Mapping[str, pd.DataFrame], title: str = "Linear pr
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def retrieval_table(results: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+    """Recall@k rows per model from stage-2 summaries (summary["retrieval"][split])."""
+    cols = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    rows = {name: {c: round(float(r[c]), 1) for c in cols} for name, r in results.items()}
+    table = pd.DataFrame.from_dict(rows, orient="index")[cols]
+    table.columns = [c.replace("i2t_", "image->report ").replace("t2i_", "report->image ") for c in cols]
+    return table
+
+
+def similarity_heatmap(image_emb, text_emb, n: int = 16, title: str = "Image/report cosine similarity") -> plt.Figure:
+    """The similarity matrix of the first n pairs: a good model puts its maxima on the diagonal."""
+    sim = np.asarray(image_emb[:n], dtype=float) @ np.asarray(text_emb[:n], dtype=float).T
+    fig, ax = plt.subplots(figsize=(5.6, 4.8))
+    im = ax.imshow(sim, cmap="viridis")
+    ax.set_xlabel("report")
+    ax.set_ylabel("image")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def primary_finding(table: pd.DataFrame) -> pd.Series:
+    """One label per study for colouring: its first positive observation (CheXbert order), else No Finding."""
+    labels = table.reindex(columns=CHEXPERT_LABELS).astype(float)
+    findings = [c for c in CHEXPERT_LABELS if c not in ("No Finding", "Support Devices")]
+
+    def first(row):
+        for c in findings:
+            if row[c] == 1.0:
+                return c
+        return "No Finding"
+
+    return labels.apply(first, axis=1)
+
+
+def embedding_map(embeddings, table: pd.DataFrame, method: str = "pca", seed: int = 0,
+                  title: str | None = None) -> plt.Figure:
+    """2-D map (PCA or t-SNE) of study embeddings, coloured by each study's primary finding."""
+    x = np.asarray(embeddings, dtype=float)
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        xy = TSNE(n_components=2, random_state=seed, init="pca",
+                  perplexity=min(30, max(2, len(x) // 4))).fit_transform(x)
+    elif method == "pca":
+        from sklearn.decomposition import PCA
+
+        xy = PCA(n_components=2, random_state=seed).fit_transform(x)
+    else:
+        raise ValueError(f"method must be 'pca' or 'tsne', not {method!r}")
+    groups = primary_finding(table).to_numpy()
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    colors = plt.get_cmap("tab20").colors
+    for i, g in enumerate(pd.unique(groups)):
+        sel = groups == g
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=10, alpha=0.7, color=colors[i % 20], label=f"{g} ({sel.sum()})")
+    ax.set_title(title or f"Image embeddings ({method.upper()}), coloured by primary finding")
+    ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+REPORT_METRICS = ["bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "ce_precision", "ce_recall",
+                  "ce_f1"]
+
+
+def metrics_table(results: Mapping[str, Mapping], keys: Sequence[str] = REPORT_METRICS) -> pd.DataFrame:
+    """'value [lo, hi]' per model and metric from stage-3 summaries (test_metrics + test_ci)."""
+    rows = {}
+    for name, summary in results.items():
+        metrics, ci = summary["test_metrics"], summary.get("test_ci") or {}
+        row = {}
+        for k in keys:
+            v = metrics.get(k)
+            lo, hi = (ci.get(k) or (None, None))[:2]
+            if v is None:
+                row[k] = ""
+            elif lo is None or lo != lo:
+                row[k] = f"{v:.3f}"
+            else:
+                row[k] = f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+        rows[name] = row
+    return pd.DataFrame.from_dict(rows, orient="index")[list(keys)]
+
+
+def paper_rows(paper_csv: str | os.PathLike, algorithms: Sequence[str],
+               keys: Sequence[str] = ("bleu4", "rouge_l", "meteor", "cider", "ce_precision", "ce_recall", "ce_f1")
+               ) -> pd.DataFrame:
+    """The paper's published numbers for some algorithms, labelled as the paper's."""
+    table = pd.read_csv(paper_csv)
+    table = table[table["algorithm"].isin(algorithms)].set_index("algorithm")[list(keys)]
+    table.index = [f"{a} (paper, CheXpert Plus, real data)" for a in table.index]
+    return table
+
+
+def report_examples(examples: pd.DataFrame, root: str | os.PathLike, n: int = 10, width: int = 70) -> plt.Figure:
+    """Image, reference and generated report side by side for `n` studies (columns image_path, reference, prediction)."""
+    from cxpmrg_lib.data.images import load_image
+
+    n = min(n, len(examples))
+    fig, axes = plt.subplots(n, 2, figsize=(12, 2.6 * n), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 4]})
+    for i, (_, row) in enumerate(examples.head(n).iterrows()):
+        axes[i, 0].imshow(load_image(Path(root) / row["image_path"], 256), cmap="gray")
+        axes[i, 0].set_axis_off()
+        ref = textwrap.fill("REFERENCE: " + str(row["reference"]), width)
+        gen = textwrap.fill("GENERATED: " + str(row["prediction"]), width)
+        axes[i, 1].text(0, 1, ref + "\n\n" + gen, va="top", ha="left", fontsize=8, family="monospace")
+        axes[i, 1].set_axis_off()
+    fig.tight_layout()
+    return fig

@@ -7,8 +7,9 @@ import torch
 
 from cxpmrg_lib.data.phantom import write_phantom
 from cxpmrg_lib.probe import probe_auroc, probe_autoregressive, probe_table
+from cxpmrg_lib.stage_data import load_split, load_studies
 from cxpmrg_lib.stages import (AutoregressiveConfig, autoregressive_examples, config_hash, load_autoregressive,
-                               load_split, pretrain_autoregressive, read_summary)
+                               pretrain_autoregressive, read_summary)
 from cxpmrg_lib.trainer import read_metrics
 
 
@@ -25,6 +26,15 @@ def test_load_split_caches_frontal_images_in_memory(phantom):
     assert -1.0 <= x.min() < x.max() <= 1.0
     with pytest.raises(ValueError, match="no studies in split 'nope'"):
         load_split(phantom, 128, "nope")
+
+
+def test_load_studies_keeps_views_reports_and_labels(phantom):
+    studies, table = load_studies(phantom, 64, "val", max_images=2)
+    item = studies[0]
+    assert item["image"].shape == (2, 1, 64, 64) and item["image_mask"].tolist() == [True, False]
+    assert item["report"] == table["report"].iloc[0] and item["labels"].shape == (14,)
+    batch = studies.collate([studies[0], studies[1]])
+    assert batch["image"].shape == (2, 2, 1, 64, 64) and batch["report"] == list(table["report"].iloc[:2])
 
 
 def test_pretrain_autoregressive_runs_caches_and_reloads(phantom, tmp_path):
@@ -76,3 +86,24 @@ def test_probe_autoregressive_compares_with_random_init(phantom, tmp_path):
     assert set(results) == {"stage 1 (autoregressive)", "random init"}
     table = probe_table(results)
     assert list(table.columns) == ["mean AUROC", "labels scored"]
+
+
+def test_pretrain_contrastive_from_stage1_and_random(phantom, tmp_path):
+    from cxpmrg_lib.stages import ContrastiveConfig, load_contrastive, pretrain_contrastive
+
+    common = dict(dataset_root=str(phantom), run_root=str(tmp_path / "runs"), max_steps=2, batch_size=8,
+                  checkpoint_every=0)
+    run = pretrain_contrastive(ContrastiveConfig(**common, init="stage1", stage1_epochs=0.1))
+    summary = read_summary(run)
+    assert summary["steps"] == 2 and summary["stage1_run"] is not None
+    assert read_summary(summary["stage1_run"])["stage"] == "autoregressive"
+    for split in ("val", "test"):
+        r = summary["retrieval"][split]
+        assert 0 <= r["i2t_R@1"] <= r["i2t_R@5"] <= r["i2t_R@10"] <= 100 and r["n"] > 5
+    for name in ("text_encoder/config.json", "tokenizer", "model/model.safetensors", "metrics.jsonl"):
+        assert (run / name).exists(), name
+    model = load_contrastive(run)
+    assert model.image_encoder.config.scan == "4-way"
+    ablation = pretrain_contrastive(ContrastiveConfig(**common, init="random"))
+    assert ablation != run and read_summary(ablation)["stage1_run"] is None
+    assert pretrain_contrastive(ContrastiveConfig(**common, init="random")) == ablation   # cached

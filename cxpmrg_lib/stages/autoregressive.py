@@ -1,12 +1,6 @@
-"""The training stages of MambaXray-VL, each a function of a config that returns its run directory.
-
-A stage's run directory is `<run_root>/<dataset>/<preset>/<stage>/<config hash>/`. A
-finished run (its `summary.json` exists) is reused as is; an interrupted one resumes
-from its last checkpoint (the trainer does that); nothing is re-run for the same config.
-"""
+"""Stage 1: autoregressive pre-training of the 1-way encoder (models/arm.py), cached by config hash."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,21 +9,16 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from cxpmrg_lib.fileio import write_json, write_text
 from cxpmrg_lib.presets import get_preset
+from cxpmrg_lib.stage_data import DEFAULT_LOADER, load_split
+from cxpmrg_lib.stages.common import read_summary, resolve_device, run_dir_for, train_settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AutoregressiveConfig", "pretrain_autoregressive", "load_autoregressive", "run_dir_for",
-           "config_hash", "ImageTensorDataset", "load_split", "read_summary", "autoregressive_examples", "resolve_device"]
-
-# In-memory image caches above this size stream from disk instead.
-MAX_CACHED_BYTES = 2 * 1024 ** 3
-# CheXpert Plus ships train/valid only; the study uses a 70/10/20 patient split (R2Gen trees keep theirs).
-DEFAULT_LOADER = {"split": "patient"}
+__all__ = ["AutoregressiveConfig", "pretrain_autoregressive", "load_autoregressive", "autoregressive_examples",
+           "read_summary"]
 
 
 @dataclass
@@ -50,88 +39,7 @@ class AutoregressiveConfig:
     device: str = "auto"                 # not part of the hash: the result does not depend on it beyond float noise
 
     def train_settings(self) -> dict:
-        settings = dict(get_preset(self.preset).stage1)
-        for key in ("epochs", "max_steps", "batch_size", "lr"):
-            value = getattr(self, key)
-            if value is not None:
-                settings[key] = value
-        settings["seed"] = self.seed
-        return settings
-
-
-def config_hash(payload: dict) -> str:
-    """Twelve hex digits of the sha256 of the canonical JSON of what determines a run's result."""
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def run_dir_for(run_root: str | os.PathLike, dataset_root: str | os.PathLike, preset: str, stage: str,
-                payload: dict) -> Path:
-    dataset = Path(dataset_root).resolve().name or "dataset"
-    return Path(run_root) / dataset / preset / stage / config_hash(payload)
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-class ImageTensorDataset(Dataset):
-    """Images held in memory as uint8 (N, 1, S, S); items are float tensors in [-1, 1]."""
-
-    def __init__(self, images: torch.Tensor):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.images[i].float().div_(127.5).sub_(1.0)
-
-
-class _StreamedImages(Dataset):
-    """The first image of each study, read from disk per item (datasets too big for memory)."""
-
-    def __init__(self, studies):
-        self.studies = studies
-
-    def __len__(self) -> int:
-        return len(self.studies)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.studies[i]["image"][0]
-
-
-def load_split(dataset_root: str | os.PathLike, image_size: int, split: str = "train", kind: str = "auto",
-               limit: int | None = None, loader: dict | None = None, num_workers: int = 2):
-    """(images, table) of one split: every study's first (frontal) image as a Dataset of (1, S, S)
-    tensors in [-1, 1], and the study table rows in the same order.
-
-    Small datasets are decoded once into memory (uint8), since re-decoding PNGs every epoch
-    would cost more than the training on a CPU.
-    """
-    from cxpmrg_lib.data import load_study_table
-    from cxpmrg_lib.data.dataset import StudyDataset, collate_studies
-
-    table = load_study_table(dataset_root, kind=kind, **(DEFAULT_LOADER if loader is None else loader))
-    table = table[table["split"] == split].reset_index(drop=True)
-    if limit is not None:
-        table = table.iloc[: int(limit)]
-    if table.empty:
-        raise ValueError(f"{dataset_root} has no studies in split {split!r}")
-    studies = StudyDataset(table, dataset_root, image_size=image_size, max_images=1)
-    if len(table) * image_size ** 2 > MAX_CACHED_BYTES:
-        log.info("streaming %d %s images from disk (too many to hold in memory)", len(table), split)
-        return _StreamedImages(studies), table
-    images = torch.empty(len(table), 1, image_size, image_size, dtype=torch.uint8)
-    dl = torch.utils.data.DataLoader(studies, batch_size=64, num_workers=num_workers, collate_fn=collate_studies)
-    done = 0
-    for batch in tqdm(dl, desc=f"decode {split} images", unit="batch", leave=False):
-        x = batch["image"][:, 0]
-        images[done: done + len(x)] = ((x + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-        done += len(x)
-    return ImageTensorDataset(images), table
+        return train_settings(get_preset(self.preset).stage1, self, self.seed)
 
 
 def _arm_loss(model, batch):
@@ -191,11 +99,6 @@ def load_autoregressive(run_dir: str | os.PathLike, map_location: str = "cpu"):
     return load_weights(model, weights).to(map_location).eval()
 
 
-def read_summary(run_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(run_dir) / "summary.json").read_text())
-
-
-
 def autoregressive_examples(model, dataset_root: str | os.PathLike, kind: str = "auto", loader: dict | None = None,
                             n: int = 4, seed: int = 0, split: str = "test") -> dict:
     """Input / target / predicted-cluster images (numpy) for `n` seeded images of a split."""
@@ -204,3 +107,4 @@ def autoregressive_examples(model, dataset_root: str | os.PathLike, kind: str = 
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
     batch = torch.stack([images[int(i)] for i in pick])
     return {k: v.cpu().numpy() for k, v in model.reconstruct(batch).items()}
+

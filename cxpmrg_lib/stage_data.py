@@ -1,0 +1,139 @@
+"""The data the training stages hold in memory: decoded once, uint8, reused every epoch.
+
+Re-decoding PNGs every epoch costs more than training the tiny preset on a CPU, so a
+split small enough (MAX_CACHED_BYTES) is decoded once; bigger ones stream from disk.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_LOADER", "MAX_CACHED_BYTES", "ImageTensorDataset", "StudyTensorDataset", "load_split", "split_table",
+           "load_studies"]
+
+# In-memory image caches above this size stream from disk instead.
+MAX_CACHED_BYTES = 2 * 1024 ** 3
+# CheXpert Plus ships train/valid only; the study uses a 70/10/20 patient split (R2Gen trees keep theirs).
+DEFAULT_LOADER = {"split": "patient"}
+
+
+def split_table(dataset_root, split: str, kind: str, limit: int | None, loader: dict | None):
+    from cxpmrg_lib.data import load_study_table
+
+    table = load_study_table(dataset_root, kind=kind, **(DEFAULT_LOADER if loader is None else loader))
+    table = table[table["split"] == split].reset_index(drop=True)
+    if limit is not None:
+        table = table.iloc[: int(limit)]
+    if table.empty:
+        raise ValueError(f"{dataset_root} has no studies in split {split!r}")
+    return table
+
+
+class ImageTensorDataset(Dataset):
+    """Images held in memory as uint8 (N, 1, S, S); items are float tensors in [-1, 1]."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i].float().div_(127.5).sub_(1.0)
+
+
+class _StreamedImages(Dataset):
+    """The first image of each study, read from disk per item (datasets too big for memory)."""
+
+    def __init__(self, studies):
+        self.studies = studies
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.studies[i]["image"][0]
+
+
+def load_split(dataset_root: str | os.PathLike, image_size: int, split: str = "train", kind: str = "auto",
+               limit: int | None = None, loader: dict | None = None, num_workers: int = 2):
+    """(images, table) of one split: every study's first (frontal) image as a Dataset of (1, S, S)
+    tensors in [-1, 1], and the study table rows in the same order.
+
+    Small datasets are decoded once into memory (uint8), since re-decoding PNGs every epoch
+    would cost more than the training on a CPU.
+    """
+    from cxpmrg_lib.data.dataset import StudyDataset, collate_studies
+
+    table = split_table(dataset_root, split, kind, limit, loader)
+    studies = StudyDataset(table, dataset_root, image_size=image_size, max_images=1)
+    if len(table) * image_size ** 2 > MAX_CACHED_BYTES:
+        log.info("streaming %d %s images from disk (too many to hold in memory)", len(table), split)
+        return _StreamedImages(studies), table
+    images = torch.empty(len(table), 1, image_size, image_size, dtype=torch.uint8)
+    dl = torch.utils.data.DataLoader(studies, batch_size=64, num_workers=num_workers, collate_fn=collate_studies)
+    done = 0
+    for batch in tqdm(dl, desc=f"decode {split} images", unit="batch", leave=False):
+        x = batch["image"][:, 0]
+        images[done: done + len(x)] = ((x + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+        done += len(x)
+    return ImageTensorDataset(images), table
+
+
+class StudyTensorDataset(Dataset):
+    """Studies held in memory: uint8 views (N, M, 1, S, S) with a view mask, reports and labels.
+
+    Items look like `cxpmrg_lib.data.dataset.StudyDataset`'s (image in [-1, 1], image_mask,
+    report, labels, study_id); `collate` stacks them the same way.
+    """
+
+    def __init__(self, images: torch.Tensor, mask: torch.Tensor, reports: list[str], labels: torch.Tensor,
+                 study_ids: list[str]):
+        self.images, self.mask, self.reports, self.labels, self.study_ids = images, mask, reports, labels, study_ids
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i].float().div_(127.5).sub_(1.0), "image_mask": self.mask[i],
+                "report": self.reports[i], "labels": self.labels[i], "study_id": self.study_ids[i]}
+
+    @staticmethod
+    def collate(batch: list[dict]) -> dict:
+        from cxpmrg_lib.data.dataset import collate_studies
+
+        return collate_studies(batch)
+
+
+def load_studies(dataset_root: str | os.PathLike, image_size: int, split: str = "train", kind: str = "auto",
+                 limit: int | None = None, loader: dict | None = None, max_images: int = 2,
+                 num_workers: int = 2):
+    """(studies, table) of one split with up to `max_images` views each, reports and labels.
+
+    Decoded once into memory when small enough; otherwise the disk-backed StudyDataset.
+    """
+    from cxpmrg_lib.data.dataset import StudyDataset, collate_studies
+
+    table = split_table(dataset_root, split, kind, limit, loader)
+    studies = StudyDataset(table, dataset_root, image_size=image_size, max_images=max_images)
+    if len(table) * max_images * image_size ** 2 > MAX_CACHED_BYTES:
+        log.info("streaming %d %s studies from disk (too many to hold in memory)", len(table), split)
+        return studies, table
+    images = torch.empty(len(table), max_images, 1, image_size, image_size, dtype=torch.uint8)
+    mask = torch.zeros(len(table), max_images, dtype=torch.bool)
+    labels = torch.empty(len(table), 14)
+    dl = torch.utils.data.DataLoader(studies, batch_size=64, num_workers=num_workers, collate_fn=collate_studies)
+    done = 0
+    for batch in tqdm(dl, desc=f"decode {split} studies", unit="batch", leave=False):
+        n = len(batch["image"])
+        images[done: done + n] = ((batch["image"] + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+        mask[done: done + n] = batch["image_mask"]
+        labels[done: done + n] = batch["labels"]
+        done += n
+    return StudyTensorDataset(images, mask, list(studies.reports), labels, list(studies.study_ids)), table

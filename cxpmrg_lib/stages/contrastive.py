@@ -1,0 +1,203 @@
+"""Stage 2: X-ray/report contrastive pre-training (models/contrastive.py), cached by config hash."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from cxpmrg_lib.fileio import write_json, write_text
+from cxpmrg_lib.presets import get_preset
+from cxpmrg_lib.stage_data import DEFAULT_LOADER
+from cxpmrg_lib.stages.autoregressive import AutoregressiveConfig, load_autoregressive, pretrain_autoregressive
+from cxpmrg_lib.stages.common import resolve_device, run_dir_for, train_settings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ContrastiveConfig", "pretrain_contrastive", "contrastive_embeddings", "contrastive_retrieval",
+           "load_contrastive", "four_way_encoder"]
+
+
+@dataclass
+class ContrastiveConfig:
+    """Stage 2. `init`: "stage1" starts the 4-way encoder from stage 1 (trained or reused with the
+    same dataset, preset and seed), "random" skips stage 1 (the ablation row)."""
+    dataset_root: str
+    dataset_kind: str = "auto"
+    preset: str = "tiny"
+    run_root: str = "runs"
+    init: str = "stage1"
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    max_studies: int | None = None
+    max_images: int = 2                  # views per study, averaged after pooling
+    text_pretrained: str | None = None   # a local BERT-family checkpoint (e.g. Bio_ClinicalBERT)
+    loader: dict = field(default_factory=lambda: dict(DEFAULT_LOADER))
+    checkpoint_every: int = 100
+    stage1_epochs: float | None = None   # passed to stage 1 when it has to be trained
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.init not in ("stage1", "random"):
+            raise ValueError(f"init must be 'stage1' or 'random', not {self.init!r}")
+
+    def train_settings(self) -> dict:
+        return train_settings(get_preset(self.preset).stage2, self, self.seed)
+
+    def stage1_config(self) -> AutoregressiveConfig:
+        return AutoregressiveConfig(dataset_root=self.dataset_root, dataset_kind=self.dataset_kind, preset=self.preset,
+                                    run_root=self.run_root, epochs=self.stage1_epochs, seed=self.seed,
+                                    loader=self.loader, device=self.device)
+
+
+def _text_config(config: ContrastiveConfig):
+    from dataclasses import replace
+
+    text = get_preset(config.preset).text
+    return replace(text, pretrained=config.text_pretrained) if config.text_pretrained else text
+
+
+def four_way_encoder(preset_name: str, stage1_dir: Path | None):
+    """The 4-way encoder, its direction weights copied from a stage-1 run when given."""
+    from cxpmrg_lib.models.vision_mamba import EncoderConfig, VisionMamba, expand_to_four_way
+
+    cfg = EncoderConfig(**{**get_preset(preset_name).encoder.to_dict(), "scan": "4-way"})
+    encoder = VisionMamba(cfg)
+    if stage1_dir is not None:
+        arm = load_autoregressive(stage1_dir)
+        encoder.load_state_dict(expand_to_four_way(arm.encoder.state_dict()), strict=True)
+    return encoder
+
+
+def pretrain_contrastive(config: ContrastiveConfig) -> Path:
+    """Stage 2: CLIP-style training of the 4-way image encoder and the text encoder; returns the run directory.
+
+    Besides the trainer's files the directory holds text_encoder/ (with its tokenizer) and
+    summary.json with image->report and report->image recall@1/5/10 on val and test.
+    """
+    from cxpmrg_lib.models.contrastive import ContrastiveModel
+    from cxpmrg_lib.models.text_encoder import TextEncoder
+    from cxpmrg_lib.stage_data import load_studies
+    from cxpmrg_lib.trainer import TrainConfig, train
+
+    preset = get_preset(config.preset)
+    settings = config.train_settings()
+    stage1_dir = pretrain_autoregressive(config.stage1_config()) if config.init == "stage1" else None
+    text_cfg = _text_config(config)
+    payload = {"stage": "contrastive", "dataset": str(Path(config.dataset_root).resolve()),
+               "dataset_kind": config.dataset_kind, "loader": config.loader, "max_studies": config.max_studies,
+               "max_images": config.max_images, "init": config.init,
+               "stage1": stage1_dir.name if stage1_dir else None, "encoder": preset.encoder.to_dict(),
+               "text": text_cfg.to_dict(), "proj_dim": preset.proj_dim, "train": settings}
+    run_dir = run_dir_for(config.run_root, config.dataset_root, config.preset, "contrastive", payload)
+    if (run_dir / "summary.json").exists():
+        log.info("stage 2: reusing finished run %s", run_dir)
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", yaml.safe_dump({"config": asdict(config), "resolved": payload},
+                                                       sort_keys=False))
+    size = preset.encoder.image_size
+    studies, table = load_studies(config.dataset_root, size, "train", config.dataset_kind, config.max_studies,
+                                  config.loader, config.max_images)
+    torch.manual_seed(config.seed)
+    tok_dir = run_dir / "tokenizer"
+    if text_cfg.pretrained:
+        text_encoder = TextEncoder.build(text_cfg)
+    elif tok_dir.exists():                     # an interrupted run: same tokenizer as before
+        text_encoder = TextEncoder.build(text_cfg, tokenizer=tok_dir)
+    else:
+        text_encoder = TextEncoder.build(text_cfg, texts=list(table["report"]), tokenizer_dir=tok_dir)
+    model = ContrastiveModel(four_way_encoder(config.preset, stage1_dir), text_encoder, preset.proj_dim)
+
+    def collate(batch):
+        out = studies.collate(batch) if hasattr(studies, "collate") else _collate_studies(batch)
+        out.update(text_encoder.tokenize(out["report"], device="cpu"))
+        return out
+
+    def loss_fn(m, batch):
+        out = m(batch["image"], batch["input_ids"], batch["attention_mask"], batch["image_mask"])
+        return out["loss"], {"temperature": float(out["temperature"])}
+
+    device = resolve_device(config.device)
+    train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=device, **settings)
+    result = train(model, studies, loss_fn, train_config, run_dir, collate_fn=collate,
+                   batch_size_of=lambda b: int(b["image_mask"].sum()),
+                   model_config={"encoder": preset.encoder.to_dict(), "text": text_cfg.to_dict(),
+                                 "proj_dim": preset.proj_dim},
+                   desc=f"stage 2 (contrastive, {config.init} init)")
+    text_encoder.save_pretrained(run_dir / "text_encoder", overwrite=True)
+    model.cpu().eval()
+    retrieval = {split: contrastive_retrieval(model, config.dataset_root, split, config.dataset_kind,
+                                              config.loader, config.max_images)
+                 for split in ("val", "test")}
+    write_json(run_dir / "summary.json", {"stage": "contrastive", "config_hash": run_dir.name, "init": config.init,
+                                          "stage1_run": str(stage1_dir) if stage1_dir else None,
+                                          "steps": result.steps, "final_loss": result.final_loss,
+                                          "train_studies": len(studies), "retrieval": retrieval,
+                                          "preset": config.preset, "dataset": payload["dataset"]})
+    return run_dir
+
+
+def _collate_studies(batch):
+    from cxpmrg_lib.data.dataset import collate_studies
+
+    return collate_studies(batch)
+
+
+@torch.no_grad()
+def contrastive_embeddings(model, dataset_root, split: str = "val", kind: str = "auto", loader: dict | None = None,
+                           max_images: int = 2, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, "object"]:
+    """(image embeddings, report embeddings, study table) of one split, in eval mode."""
+    from cxpmrg_lib.stage_data import load_studies
+
+    size = model.image_encoder.config.image_size
+    studies, table = load_studies(dataset_root, size, split, kind, None, loader, max_images)
+    was = model.training
+    model.eval()
+    imgs, txts = [], []
+    for start in tqdm(range(0, len(studies), batch_size), desc=f"embed {split}", unit="batch", leave=False):
+        items = [studies[i] for i in range(start, min(start + batch_size, len(studies)))]
+        batch = _collate_studies(items)
+        toks = model.text_encoder.tokenize(batch["report"])
+        imgs.append(model.embed_images(batch["image"], batch["image_mask"]))
+        txts.append(model.embed_texts(toks["input_ids"], toks["attention_mask"]))
+    model.train(was)
+    return torch.cat(imgs), torch.cat(txts), table
+
+
+def contrastive_retrieval(model, dataset_root, split: str = "val", kind: str = "auto", loader: dict | None = None,
+                          max_images: int = 2) -> dict[str, float]:
+    """Recall@1/5/10 both ways on one split; identical report texts count as the same item."""
+    from cxpmrg_lib.models.contrastive import retrieval_recall
+
+    img, txt, table = contrastive_embeddings(model, dataset_root, split, kind, loader, max_images)
+    groups = [" ".join(str(r).lower().split()) for r in table["report"]]
+    out = retrieval_recall(img, txt, groups=groups)
+    out["n"] = len(table)
+    out["distinct_reports"] = len(set(groups))
+    return out
+
+
+def load_contrastive(run_dir: str | os.PathLike):
+    """The trained ContrastiveModel of a finished stage-2 run (CPU, eval mode)."""
+    from cxpmrg_lib.models.contrastive import ContrastiveModel
+    from cxpmrg_lib.models.text_encoder import TextEncoder
+    from cxpmrg_lib.models.vision_mamba import EncoderConfig, VisionMamba
+    from cxpmrg_lib.trainer import load_weights
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "model" / "config.json"
+    if not (run_dir / "summary.json").exists() or not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a finished stage-2 run (no summary.json / model/config.json)")
+    cfg = json.loads(cfg_path.read_text())
+    encoder = VisionMamba(EncoderConfig(**{**cfg["encoder"], "scan": "4-way"}))
+    model = ContrastiveModel(encoder, TextEncoder.from_pretrained(run_dir / "text_encoder"), cfg["proj_dim"])
+    return load_weights(model, run_dir / "model").eval()

@@ -1,0 +1,323 @@
+"""Stage 3: report generation with a frozen language model, and the report LM it needs.
+
+`pretrain_report_lm` trains the tiny preset's Llama-architecture LM on the training
+reports, in the prompt format stage 3 uses (no visual tokens yet), so that the frozen LM
+of stage 3 is a real language model of reports, as Llama-2 is in the paper. With a
+local checkpoint (`lm_pretrained=PATH`) this stage is skipped.
+
+`finetune_report` trains the 4-way encoder (or not: `freeze_encoder`) and the
+Linear -> LayerNorm projection into the frozen LM's prompt, validates with the metric
+suite during training (BLEU-4 + CE-F1 selects the best checkpoint), then writes the
+test-set predictions and their metrics with bootstrap confidence intervals.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from torch.utils.data import Dataset
+
+from cxpmrg_lib.fileio import atomic_path, write_json, write_text
+from cxpmrg_lib.presets import get_preset
+from cxpmrg_lib.stage_data import DEFAULT_LOADER, split_table, load_studies
+from cxpmrg_lib.stages.common import read_summary, resolve_device, run_dir_for, train_settings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ReportLMStageConfig", "pretrain_report_lm", "FinetuneConfig", "finetune_report", "load_report_model",
+           "report_examples",
+           "generate_reports"]
+
+INITS = ("stage2", "stage1", "random")
+
+
+@dataclass
+class ReportLMStageConfig:
+    dataset_root: str
+    dataset_kind: str = "auto"
+    preset: str = "tiny"
+    run_root: str = "runs"
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    max_studies: int | None = None
+    loader: dict = field(default_factory=lambda: dict(DEFAULT_LOADER))
+    checkpoint_every: int = 200
+    device: str = "auto"
+
+
+class _Reports(Dataset):
+    def __init__(self, reports: list[str]):
+        self.reports = reports
+
+    def __len__(self) -> int:
+        return len(self.reports)
+
+    def __getitem__(self, i: int) -> str:
+        return self.reports[i]
+
+
+def pretrain_report_lm(config: ReportLMStageConfig) -> Path:
+    """Train the preset's fresh report LM on the training reports; returns the run directory (lm/ inside)."""
+    from cxpmrg_lib.models.report_lm import VisualPrefixLM, build_report_lm, train_bpe_tokenizer
+    from cxpmrg_lib.trainer import TrainConfig, train
+
+    preset = get_preset(config.preset)
+    settings = train_settings(preset.lm_stage, config, config.seed)
+    payload = {"stage": "report_lm", "dataset": str(Path(config.dataset_root).resolve()),
+               "dataset_kind": config.dataset_kind, "loader": config.loader, "max_studies": config.max_studies,
+               "lm": preset.report_lm.to_dict(), "train": settings}
+    run_dir = run_dir_for(config.run_root, config.dataset_root, config.preset, "report_lm", payload)
+    if (run_dir / "summary.json").exists():
+        log.info("report LM: reusing finished run %s", run_dir)
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", yaml.safe_dump({"config": asdict(config), "resolved": payload},
+                                                       sort_keys=False))
+    table = split_table(config.dataset_root, "train", config.dataset_kind, config.max_studies, config.loader)
+    reports = [str(r) for r in table["report"]]
+    tok_dir = run_dir / "tokenizer"
+    if tok_dir.exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        tokenizer = train_bpe_tokenizer(reports, tok_dir)
+    lm = build_report_lm(preset.report_lm, tokenizer)
+    # Trained through the stage-3 wrapper with zero visual tokens: the LM learns reports after the prompt.
+    wrapper = VisualPrefixLM(lm, tokenizer, visual_dim=1, freeze_lm=False)
+
+    def loss_fn(model, batch):
+        return model(torch.zeros(len(batch), 0, 1, device=model.proj.weight.device), list(batch))["loss"]
+
+    train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=resolve_device(config.device),
+                               **settings)
+    result = train(wrapper, _Reports(reports), loss_fn, train_config, run_dir, collate_fn=list,
+                   batch_size_of=len, desc="report LM")
+    lm_dir = run_dir / "lm"
+    lm.cpu().save_pretrained(lm_dir)
+    tokenizer.save_pretrained(lm_dir)
+    write_json(run_dir / "summary.json", {"stage": "report_lm", "config_hash": run_dir.name, "steps": result.steps,
+                                          "final_loss": result.final_loss, "train_reports": len(reports),
+                                          "lm_dir": str(lm_dir), "parameters_m": sum(p.numel() for p in lm.parameters()) / 1e6})
+    return run_dir
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 3. `init`: the encoder starts from stage 2 ("stage2", the full model), from stage 1
+    ("stage1") or at random ("random"): the paper's ablation rows."""
+    dataset_root: str
+    dataset_kind: str = "auto"
+    preset: str = "tiny"
+    run_root: str = "runs"
+    init: str = "stage2"
+    freeze_encoder: bool = False
+    lm_pretrained: str | None = None     # a local causal-LM folder (Llama-2, Qwen, ...); None: the preset's LM stage
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    max_studies: int | None = None
+    max_images: int = 2
+    val_studies: int = 64                # validated during training (greedy decoding, no METEOR)
+    test_studies: int | None = None      # None: the whole test split
+    num_beams: int = 3
+    repetition_penalty: float = 2.0
+    no_repeat_ngram_size: int = 3
+    loader: dict = field(default_factory=lambda: dict(DEFAULT_LOADER))
+    earlier_epochs: float | None = None  # epochs for stages 1-2 and the LM when they must be trained (smoke runs)
+    checkpoint_every: int = 200
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, not {self.init!r}")
+
+
+def _encoder_for(config: FinetuneConfig):
+    from cxpmrg_lib.stages.autoregressive import AutoregressiveConfig, pretrain_autoregressive
+    from cxpmrg_lib.stages.contrastive import ContrastiveConfig, four_way_encoder, load_contrastive, pretrain_contrastive
+
+    common = dict(dataset_root=config.dataset_root, dataset_kind=config.dataset_kind, preset=config.preset,
+                  run_root=config.run_root, seed=config.seed, loader=config.loader, device=config.device)
+    if config.init == "random":
+        return four_way_encoder(config.preset, None), None
+    if config.init == "stage1":
+        run = pretrain_autoregressive(AutoregressiveConfig(**common, epochs=config.earlier_epochs))
+        return four_way_encoder(config.preset, run), run
+    run = pretrain_contrastive(ContrastiveConfig(**common, init="stage1", epochs=config.earlier_epochs,
+                                                 stage1_epochs=config.earlier_epochs))
+    return load_contrastive(run).image_encoder, run
+
+
+def _lm_dir(config: FinetuneConfig) -> Path:
+    if config.lm_pretrained:
+        return Path(config.lm_pretrained)
+    run = pretrain_report_lm(ReportLMStageConfig(dataset_root=config.dataset_root, dataset_kind=config.dataset_kind,
+                                                 preset=config.preset, run_root=config.run_root, seed=config.seed,
+                                                 loader=config.loader, epochs=config.earlier_epochs,
+                                                 device=config.device))
+    return run / "lm"
+
+
+def _decoding(config: FinetuneConfig) -> dict:
+    return {"num_beams": config.num_beams, "repetition_penalty": config.repetition_penalty,
+            "no_repeat_ngram_size": config.no_repeat_ngram_size}
+
+
+def finetune_report(config: FinetuneConfig) -> Path:
+    """Stage 3; returns the run directory (generator.json, model/, best/, predictions_test.csv, summary.json)."""
+    from cxpmrg_lib.metrics import score_reports
+    from cxpmrg_lib.models.report_generator import ReportModel
+    from cxpmrg_lib.models.report_lm import ReportLMConfig, VisualPrefixLM, load_report_lm, median_report_tokens
+    from cxpmrg_lib.trainer import TrainConfig, load_weights, train
+
+    preset = get_preset(config.preset)
+    settings = train_settings(preset.stage3, config, config.seed)
+    encoder, encoder_run = _encoder_for(config)
+    lm_dir = _lm_dir(config)
+    payload = {"stage": "finetune", "dataset": str(Path(config.dataset_root).resolve()),
+               "dataset_kind": config.dataset_kind, "loader": config.loader, "init": config.init,
+               "encoder_run": encoder_run.name if encoder_run else None, "lm": str(Path(lm_dir).resolve()),
+               "freeze_encoder": config.freeze_encoder, "max_studies": config.max_studies,
+               "max_images": config.max_images, "val_studies": config.val_studies, "train": settings}
+    run_dir = run_dir_for(config.run_root, config.dataset_root, config.preset, "finetune", payload)
+    if (run_dir / "summary.json").exists():
+        log.info("stage 3: reusing finished run %s", run_dir)
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", yaml.safe_dump({"config": asdict(config), "resolved": payload},
+                                                       sort_keys=False))
+    size = encoder.config.image_size
+    studies, table = load_studies(config.dataset_root, size, "train", config.dataset_kind, config.max_studies,
+                                  config.loader, config.max_images)
+    val, val_table = load_studies(config.dataset_root, size, "val", config.dataset_kind, config.val_studies,
+                                  config.loader, config.max_images)
+    lm, tokenizer = load_report_lm(ReportLMConfig(pretrained=str(lm_dir)))
+    typical = median_report_tokens(tokenizer, [str(r) for r in table["report"]])
+    head = VisualPrefixLM(lm, tokenizer, encoder.config.dim, typical_report_tokens=typical)
+    model = ReportModel(encoder, head, freeze_encoder=config.freeze_encoder)
+    generator_cfg = {"encoder": encoder.config.to_dict(), "lm_dir": str(Path(lm_dir).resolve()),
+                     "typical_report_tokens": typical, "freeze_encoder": config.freeze_encoder,
+                     "decoding": _decoding(config), "image_size": size, "max_images": config.max_images}
+    write_json(run_dir / "generator.json", generator_cfg)
+
+    def loss_fn(m, batch):
+        return m(batch["image"], batch["image_mask"], batch["report"])["loss"]
+
+    def eval_fn(m):
+        preds = generate_reports(m, val, batch_size=16, num_beams=1,
+                                 repetition_penalty=config.repetition_penalty,
+                                 no_repeat_ngram_size=config.no_repeat_ngram_size)
+        s = score_reports(list(val_table["report"]), preds, meteor=False)
+        return {"bleu4": s["bleu4"], "ce_f1": s["ce_f1"], "select": s["bleu4"] + s["ce_f1"]}
+
+    steps_per_epoch = max(1, len(studies) // settings["batch_size"])
+    train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=resolve_device(config.device),
+                               eval_every=steps_per_epoch, best_metric="select", **settings)
+    result = train(model, studies, loss_fn, train_config, run_dir, collate_fn=studies.collate,
+                   batch_size_of=lambda b: int(b["image_mask"].sum()), model_config=generator_cfg,
+                   eval_fn=eval_fn, desc=f"stage 3 (report, {config.init} init)")
+    best = run_dir / "best"
+    model.cpu()
+    if (best / "model.safetensors").exists():
+        load_weights(model, best)
+    summary = {"stage": "finetune", "config_hash": run_dir.name, "init": config.init, "steps": result.steps,
+               "final_loss": result.final_loss, "best": result.best, "train_studies": len(studies),
+               "typical_report_tokens": typical}
+    summary.update(_test_predictions(model, config, run_dir))
+    write_json(run_dir / "summary.json", summary)
+    return run_dir
+
+
+def _test_predictions(model, config: FinetuneConfig, run_dir: Path) -> dict:
+    """Generate for the test split with the default decoding; write predictions_test.csv and its metrics."""
+    import time
+
+    from cxpmrg_lib.evaluate import evaluate_file
+
+    size = model.encoder.config.image_size
+    test, table = load_studies(config.dataset_root, size, "test", config.dataset_kind, config.test_studies,
+                               config.loader, config.max_images)
+    t0 = time.perf_counter()
+    preds = generate_reports(model, test, batch_size=16, **_decoding(config))
+    seconds = time.perf_counter() - t0
+    frame = pd.DataFrame({"study_id": table["study_id"].astype(str), "reference": table["report"],
+                          "prediction": preds})
+    path = run_dir / "predictions_test.csv"
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    evaluation = evaluate_file(path, n_boot=1000, seed=config.seed)
+    return {"test_studies": len(frame), "generation_s": seconds, "reports_per_s": len(frame) / max(seconds, 1e-9),
+            "test_metrics": evaluation["metrics"], "test_ci": evaluation.get("ci")}
+
+
+@torch.no_grad()
+def generate_reports(model, studies, batch_size: int = 16, **decoding) -> list[str]:
+    """Reports for every study of a dataset (items as StudyTensorDataset's), in order."""
+    from tqdm.auto import tqdm
+
+    from cxpmrg_lib.data.dataset import collate_studies
+
+    device = next(model.head.proj.parameters()).device
+    out: list[str] = []
+    for start in tqdm(range(0, len(studies), batch_size), desc="generate", unit="batch", leave=False):
+        batch = collate_studies([studies[i] for i in range(start, min(start + batch_size, len(studies)))])
+        out += model.generate(batch["image"].to(device), batch["image_mask"].to(device), **decoding)
+    return out
+
+
+def load_report_model(run_dir: str | os.PathLike):
+    """The trained ReportModel of a stage-3 run (best checkpoint when there is one), CPU, eval mode."""
+    from cxpmrg_lib.models.report_generator import ReportModel
+    from cxpmrg_lib.models.report_lm import ReportLMConfig, VisualPrefixLM, load_report_lm
+    from cxpmrg_lib.models.vision_mamba import EncoderConfig, VisionMamba
+    from cxpmrg_lib.trainer import load_weights
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "generator.json"
+    if not cfg_path.exists() or not (run_dir / "model").exists():
+        raise FileNotFoundError(f"{run_dir} is not a finished stage-3 run (generator.json or model/ missing)")
+    cfg = json.loads(cfg_path.read_text())
+    lm, tokenizer = load_report_lm(ReportLMConfig(pretrained=cfg["lm_dir"]))
+    encoder = VisionMamba(EncoderConfig(**cfg["encoder"]))
+    head = VisualPrefixLM(lm, tokenizer, encoder.config.dim, typical_report_tokens=cfg["typical_report_tokens"])
+    model = ReportModel(encoder, head, freeze_encoder=cfg["freeze_encoder"])
+    weights = run_dir / "best" if (run_dir / "best" / "model.safetensors").exists() else run_dir / "model"
+    load_weights(model, weights)
+    model.decoding = cfg["decoding"]
+    model.image_size, model.max_images = cfg["image_size"], cfg["max_images"]
+    model.summary = read_summary(run_dir) if (run_dir / "summary.json").exists() else None
+    return model.eval()
+
+
+def report_examples(run_dir: str | os.PathLike, dataset_root, kind: str = "auto", loader: dict | None = None,
+                    n: int = 10, seed: int = 0) -> pd.DataFrame:
+    """`n` seeded test studies of a stage-3 run: first image path, reference, generated report and the
+    labeller's positive findings of each (what CE scores)."""
+    from cxpmrg_lib.labeler import label_reports
+    from cxpmrg_lib.observations import CHEXPERT_LABELS
+
+    preds = pd.read_csv(Path(run_dir) / "predictions_test.csv", dtype={"study_id": str}, keep_default_na=False)
+    table = split_table(dataset_root, "test", kind, None, loader).astype({"study_id": str})
+    merged = preds.merge(table[["study_id", "image_paths"]], on="study_id", how="left")
+    pick = merged.sample(n=min(n, len(merged)), random_state=seed).reset_index(drop=True)
+    pick["image_path"] = [list(p)[0] for p in pick["image_paths"]]
+
+    def positives(texts):
+        labels = label_reports(list(texts))
+        return [", ".join(c for c in CHEXPERT_LABELS if row[c] == 1.0) or "-" for _, row in labels.iterrows()]
+
+    pick["reference findings"] = positives(pick["reference"])
+    pick["generated findings"] = positives(pick["prediction"])
+    return pick[["study_id", "image_path", "reference", "prediction", "reference findings", "generated findings"]]

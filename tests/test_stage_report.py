@@ -1,0 +1,42 @@
+"""Stage 3 end to end on a small phantom: report LM, fine-tuning, test predictions, `cxpmrg generate`."""
+import json
+
+import pandas as pd
+import pytest
+
+from cxpmrg_lib.cli import main
+from cxpmrg_lib.data.phantom import write_phantom
+from cxpmrg_lib.generate import ReportGenerator
+from cxpmrg_lib.stages import read_summary
+from cxpmrg_lib.stages.report import FinetuneConfig, ReportLMStageConfig, finetune_report, pretrain_report_lm
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return write_phantom(tmp_path_factory.mktemp("data") / "phantom", studies=50, size=64, seed=5, workers=1)
+
+
+@pytest.mark.slow
+def test_finetune_report_smoke(phantom, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    lm_run = pretrain_report_lm(ReportLMStageConfig(dataset_root=str(phantom), run_root=str(runs), max_steps=3,
+                                                    batch_size=8))
+    assert (lm_run / "lm" / "config.json").exists() and read_summary(lm_run)["steps"] == 3
+    cfg = FinetuneConfig(dataset_root=str(phantom), run_root=str(runs), init="random", max_steps=2, batch_size=4,
+                         val_studies=4, test_studies=4, num_beams=2, earlier_epochs=0.1)
+    run = finetune_report(cfg)
+    summary = read_summary(run)
+    assert summary["steps"] == 2 and summary["test_studies"] == 4
+    assert {"bleu4", "ce_f1"} <= set(summary["test_metrics"])
+    preds = pd.read_csv(run / "predictions_test.csv")
+    assert list(preds.columns) == ["study_id", "reference", "prediction"] and len(preds) == 4
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals and "select" in evals[-1]["eval"]
+    assert finetune_report(cfg) == run                      # cached
+
+    image = next((phantom / "PNG").rglob("*.png"))
+    report = ReportGenerator.from_pretrained(run).generate([image], num_beams=1)
+    assert isinstance(report, str)
+    assert main(["generate", "--run", str(run), str(image), "--json", "--beams", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["report"] == report
