@@ -33,6 +33,9 @@ from cxpmrg_lib.fileio import atomic_dir
 
 log = logging.getLogger(__name__)
 
+# DataLoader workers fork after a tokenizer has run; its thread pool cannot survive that (results stay equal).
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 __all__ = ["PAPER_PROMPT", "IMAGE_TOKENS", "IMAGE_PLACEHOLDER", "ReportLMConfig", "train_bpe_tokenizer",
            "build_report_lm", "load_report_lm", "lm_batch", "median_report_tokens", "VisualPrefixLM"]
 

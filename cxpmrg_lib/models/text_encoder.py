@@ -31,6 +31,9 @@ __all__ = ["TextEncoderConfig", "TextEncoder", "train_wordpiece_tokenizer", "SPE
 
 log = logging.getLogger(__name__)
 
+# DataLoader workers fork after a tokenizer has run; its thread pool cannot survive that (results stay equal).
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 POOLINGS = ("cls", "mean")
 CONFIG_NAME = "config.json"
