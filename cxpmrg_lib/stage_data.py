@@ -69,28 +69,18 @@ def load_split(dataset_root: str | os.PathLike, image_size: int, split: str = "t
     Small datasets are decoded once into memory (uint8), since re-decoding PNGs every epoch
     would cost more than the training on a CPU.
     """
-    from cxpmrg_lib.data.dataset import StudyDataset, collate_studies
-
-    table = split_table(dataset_root, split, kind, limit, loader)
-    studies = StudyDataset(table, dataset_root, image_size=image_size, max_images=1)
-    if len(table) * image_size ** 2 > MAX_CACHED_BYTES:
-        log.info("streaming %d %s images from disk (too many to hold in memory)", len(table), split)
-        return _StreamedImages(studies), table
-    images = torch.empty(len(table), 1, image_size, image_size, dtype=torch.uint8)
-    dl = torch.utils.data.DataLoader(studies, batch_size=64, num_workers=num_workers, collate_fn=collate_studies)
-    done = 0
-    for batch in tqdm(dl, desc=f"decode {split} images", unit="batch", leave=False):
-        x = batch["image"][:, 0]
-        images[done: done + len(x)] = ((x + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-        done += len(x)
-    return ImageTensorDataset(images), table
+    studies, table = load_studies(dataset_root, image_size, split, kind, limit, loader, max_images=1,
+                                  num_workers=num_workers)
+    if isinstance(studies, StudyTensorDataset):
+        return ImageTensorDataset(studies.images[:, 0]), table
+    return _StreamedImages(studies), table
 
 
 class StudyTensorDataset(Dataset):
     """Studies held in memory: uint8 views (N, M, 1, S, S) with a view mask, reports and labels.
 
     Items look like `cxpmrg_lib.data.dataset.StudyDataset`'s (image in [-1, 1], image_mask,
-    report, labels, study_id); `collate` stacks them the same way.
+    report, labels, study_id); `collate_studies` stacks them.
     """
 
     def __init__(self, images: torch.Tensor, mask: torch.Tensor, reports: list[str], labels: torch.Tensor,
@@ -103,12 +93,6 @@ class StudyTensorDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         return {"image": self.images[i].float().div_(127.5).sub_(1.0), "image_mask": self.mask[i],
                 "report": self.reports[i], "labels": self.labels[i], "study_id": self.study_ids[i]}
-
-    @staticmethod
-    def collate(batch: list[dict]) -> dict:
-        from cxpmrg_lib.data.dataset import collate_studies
-
-        return collate_studies(batch)
 
 
 def load_studies(dataset_root: str | os.PathLike, image_size: int, split: str = "train", kind: str = "auto",

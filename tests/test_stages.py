@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from cxpmrg_lib.data.dataset import collate_studies
 from cxpmrg_lib.data.phantom import write_phantom
 from cxpmrg_lib.probe import probe_auroc, probe_autoregressive, probe_table
 from cxpmrg_lib.stage_data import load_split, load_studies
@@ -33,7 +34,7 @@ def test_load_studies_keeps_views_reports_and_labels(phantom):
     item = studies[0]
     assert item["image"].shape == (2, 1, 64, 64) and item["image_mask"].tolist() == [True, False]
     assert item["report"] == table["report"].iloc[0] and item["labels"].shape == (14,)
-    batch = studies.collate([studies[0], studies[1]])
+    batch = collate_studies([studies[0], studies[1]])
     assert batch["image"].shape == (2, 2, 1, 64, 64) and batch["report"] == list(table["report"].iloc[:2])
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxpmrg_lib.models.vision_mamba import EncoderConfig, VisionMamba, sincos_pos_embed_2d
+from cxpmrg_lib.models.vision_mamba import EncoderConfig, VisionMamba, match_channels, sincos_pos_embed_2d
 
 __all__ = ["ARMConfig", "ARMPretrainer", "cluster_order", "patchify", "unpatchify", "normalise_patches"]
 
@@ -150,9 +150,7 @@ class ARMPretrainer(nn.Module):
     def targets(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-patch normalised pixels of clusters 2..K in cluster order, with each patch's mean and std."""
         enc = self.config.encoder
-        if images.shape[1] != enc.in_chans:
-            images = images.expand(-1, enc.in_chans, -1, -1) if images.shape[1] == 1 else images.mean(1, keepdim=True)
-        patches = patchify(images, enc.patch_size)[:, self.order[self.config.cluster_len:]]
+        patches = patchify(match_channels(images, enc.in_chans), enc.patch_size)[:, self.order[self.config.cluster_len:]]
         return normalise_patches(patches.float())
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:

@@ -13,24 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxpmrg_lib.models.vision_mamba import VisionMamba
+from cxpmrg_lib.models.vision_mamba import VisionMamba, study_tokens
 
 __all__ = ["ContrastiveModel", "clip_loss", "retrieval_recall", "study_features"]
 
 
 def study_features(encoder: VisionMamba, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Pooled features per study: (B, M, C, S, S) images with a (B, M) mask -> (B, dim), averaged over views."""
-    if images.ndim == 4:
-        return encoder(images).pooled
-    b, m = images.shape[:2]
-    if mask is None:
-        mask = torch.ones(b, m, dtype=torch.bool, device=images.device)
-    flat = images[mask]                                   # only the real views go through the encoder
-    pooled = encoder(flat).pooled
-    out = pooled.new_zeros(b, m, pooled.shape[-1])
-    out[mask] = pooled
-    counts = mask.sum(1, keepdim=True).clamp(min=1).to(pooled.dtype)
-    return out.sum(1) / counts
+    return study_tokens(encoder, images, mask).mean(dim=1)
 
 
 def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

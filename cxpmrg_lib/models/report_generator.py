@@ -10,25 +10,9 @@ import torch
 from torch import nn
 
 from cxpmrg_lib.models.report_lm import VisualPrefixLM
-from cxpmrg_lib.models.vision_mamba import VisionMamba
+from cxpmrg_lib.models.vision_mamba import VisionMamba, study_tokens
 
-__all__ = ["ReportModel", "study_tokens"]
-
-
-def study_tokens(encoder: VisionMamba, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, M, C, S, S) views with a (B, M) mask -> (B, L, dim) tokens averaged over the real views."""
-    if images.ndim == 4:
-        return encoder(images).tokens
-    b, m = images.shape[:2]
-    if mask is None:
-        mask = torch.ones(b, m, dtype=torch.bool, device=images.device)
-    if not bool(mask.any(dim=1).all()):
-        missing = (~mask.any(dim=1)).nonzero().flatten().tolist()
-        raise ValueError(f"studies at batch positions {missing} have no image")
-    tokens = encoder(images[mask]).tokens
-    out = tokens.new_zeros(b, m, *tokens.shape[1:])
-    out[mask] = tokens
-    return out.sum(1) / mask.sum(1).to(tokens.dtype)[:, None, None]
+__all__ = ["ReportModel"]
 
 
 class ReportModel(nn.Module):

@@ -20,7 +20,7 @@ from torch import nn
 from cxpmrg_lib.models.ssm import selective_scan
 
 __all__ = ["EncoderConfig", "VisionMamba", "MambaMixer", "EncoderOutput", "expand_to_four_way",
-           "sincos_pos_embed_2d", "DIRECTIONS", "DIRECTION_PARAMS"]
+           "sincos_pos_embed_2d", "study_tokens", "match_channels", "DIRECTIONS", "DIRECTION_PARAMS"]
 
 # Suffix of each scan direction's private parameters; "" is the 1-way direction (mamba_ssm names).
 DIRECTIONS = {"1-way": ("",), "4-way": ("", "_b", "_col", "_col_b")}
@@ -82,6 +82,17 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     return torch.cat([embed(rows), embed(cols)], dim=1).float()
+
+
+def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, channels, H, W): grey repeated for RGB, RGB averaged for grey."""
+    if images.shape[1] == channels:
+        return images
+    if images.shape[1] == 1:
+        return images.expand(-1, channels, -1, -1)
+    if channels == 1:
+        return images.mean(dim=1, keepdim=True)
+    raise ValueError(f"encoder takes {channels} channels, got {images.shape[1]}")
 
 
 class MambaMixer(nn.Module):
@@ -211,14 +222,7 @@ class VisionMamba(nn.Module):
         if images.shape[-1] != cfg.image_size or images.shape[-2] != cfg.image_size:
             raise ValueError(f"encoder expects {cfg.image_size}x{cfg.image_size} images, "
                              f"got {images.shape[-2]}x{images.shape[-1]}")
-        if images.shape[1] != cfg.in_chans:
-            if images.shape[1] == 1:
-                images = images.expand(-1, cfg.in_chans, -1, -1)
-            elif cfg.in_chans == 1:
-                images = images.mean(dim=1, keepdim=True)
-            else:
-                raise ValueError(f"encoder takes {cfg.in_chans} channels, got {images.shape[1]}")
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        x = self.patch_embed(match_channels(images, cfg.in_chans)).flatten(2).transpose(1, 2)
         return x + self.pos_embed.to(x.dtype)
 
     def forward_tokens(self, x: torch.Tensor, return_layers: Sequence[int] = ()) -> EncoderOutput:
@@ -243,6 +247,22 @@ def _init_linear(module: nn.Module) -> None:
     """Biases start at zero, except dt_proj's, which sets the initial step sizes."""
     if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module, "_is_dt_proj", False):
         nn.init.zeros_(module.bias)
+
+
+def study_tokens(encoder: VisionMamba, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, M, C, S, S) views with a (B, M) mask -> (B, L, dim) tokens averaged over the real views."""
+    if images.ndim == 4:
+        return encoder(images).tokens
+    b, m = images.shape[:2]
+    if mask is None:
+        mask = torch.ones(b, m, dtype=torch.bool, device=images.device)
+    if not bool(mask.any(dim=1).all()):
+        missing = (~mask.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"studies at batch positions {missing} have no image")
+    tokens = encoder(images[mask]).tokens
+    out = tokens.new_zeros(b, m, *tokens.shape[1:])
+    out[mask] = tokens
+    return out.sum(1) / mask.sum(1).to(tokens.dtype)[:, None, None]
 
 
 def expand_to_four_way(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

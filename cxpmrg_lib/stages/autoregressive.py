@@ -4,16 +4,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from cxpmrg_lib.fileio import write_json, write_text
+from cxpmrg_lib.fileio import write_json
 from cxpmrg_lib.presets import get_preset
-from cxpmrg_lib.stage_data import DEFAULT_LOADER, load_split
-from cxpmrg_lib.stages.common import read_summary, resolve_device, run_dir_for, train_settings
+from cxpmrg_lib.stage_data import load_split
+from cxpmrg_lib.stages.common import StageConfig, read_summary, resolve_device, start_run
 
 log = logging.getLogger(__name__)
 
@@ -22,24 +21,12 @@ __all__ = ["AutoregressiveConfig", "pretrain_autoregressive", "load_autoregressi
 
 
 @dataclass
-class AutoregressiveConfig:
-    """Stage 1. Training fields left as None take the preset's defaults (presets.py)."""
-    dataset_root: str
-    dataset_kind: str = "auto"
-    preset: str = "tiny"
-    run_root: str = "runs"
-    epochs: float | None = None
-    max_steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    seed: int = 0
+class AutoregressiveConfig(StageConfig):
+    """Stage 1 (see StageConfig for the shared fields)."""
     max_images: int | None = None        # cap on training images (smoke runs); None: the whole train split
-    loader: dict = field(default_factory=lambda: dict(DEFAULT_LOADER))  # load_study_table options
     checkpoint_every: int = 100
-    device: str = "auto"                 # not part of the hash: the result does not depend on it beyond float noise
 
-    def train_settings(self) -> dict:
-        return train_settings(get_preset(self.preset).stage1, self, self.seed)
+    preset_defaults = "stage1"
 
 
 def _arm_loss(model, batch):
@@ -58,28 +45,20 @@ def pretrain_autoregressive(config: AutoregressiveConfig) -> Path:
 
     preset = get_preset(config.preset)
     settings = config.train_settings()
-    payload = {"stage": "autoregressive", "dataset": str(Path(config.dataset_root).resolve()),
-               "dataset_kind": config.dataset_kind, "loader": config.loader, "max_images": config.max_images,
+    payload = {**config.payload("autoregressive"), "max_images": config.max_images,
                "model": preset.arm.to_dict(), "train": settings}
-    run_dir = run_dir_for(config.run_root, config.dataset_root, config.preset, "autoregressive", payload)
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        log.info("stage 1: reusing finished run %s", run_dir)
+    run_dir, finished = start_run(config, "autoregressive", payload, "stage 1")
+    if finished:
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump({"config": asdict(config), "resolved": payload},
-                                                       sort_keys=False))
     torch.manual_seed(config.seed)
     model = ARMPretrainer(preset.arm)
     dataset, _ = load_split(config.dataset_root, preset.encoder.image_size, "train", config.dataset_kind,
                             config.max_images, config.loader)
-    device = resolve_device(config.device)
-    if device != "cpu" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for but CUDA is not available")
-    train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=device, **settings)
+    train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=resolve_device(config.device),
+                               **settings)
     result = train(model, dataset, _arm_loss, train_config, run_dir, model_config=preset.arm.to_dict(),
                    desc="stage 1 (autoregressive)")
-    write_json(summary_path, {"stage": "autoregressive", "config_hash": run_dir.name, "steps": result.steps,
+    write_json(run_dir / "summary.json", {"stage": "autoregressive", "config_hash": run_dir.name, "steps": result.steps,
                               "final_loss": result.final_loss, "train_images": len(dataset),
                               "preset": config.preset, "dataset": payload["dataset"]})
     return run_dir

@@ -1,14 +1,62 @@
-"""What every stage shares: the run folder named by a hash of the config, the device, the summary."""
+"""What every stage shares: its config fields, the run folder named by a hash of the config, the device."""
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
-__all__ = ["config_hash", "run_dir_for", "resolve_device", "read_summary", "train_settings"]
+from cxpmrg_lib.fileio import write_text
+from cxpmrg_lib.presets import get_preset
+from cxpmrg_lib.stage_data import DEFAULT_LOADER
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StageConfig", "config_hash", "run_dir_for", "resolve_device", "read_summary", "start_run"]
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage config has. Training fields left as None take the preset's defaults
+    (presets.py, the dict named by the subclass's `preset_defaults`)."""
+    dataset_root: str
+    dataset_kind: str = "auto"
+    preset: str = "tiny"
+    run_root: str = "runs"
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    loader: dict = field(default_factory=lambda: dict(DEFAULT_LOADER))  # load_study_table options
+    device: str = "auto"                 # not part of the hash: the result does not depend on it beyond float noise
+
+    preset_defaults = "stage1"           # class attribute, not a field
+
+    def train_settings(self) -> dict:
+        """The preset's TrainConfig defaults with this config's non-None overrides."""
+        settings = dict(getattr(get_preset(self.preset), self.preset_defaults))
+        for key in ("epochs", "max_steps", "batch_size", "lr"):
+            value = getattr(self, key)
+            if value is not None:
+                settings[key] = value
+        settings["seed"] = self.seed
+        return settings
+
+    def shared(self) -> dict:
+        """The fields an earlier stage's config takes from this one (same data, preset, seed, folders)."""
+        return {k: getattr(self, k) for k in ("dataset_root", "dataset_kind", "preset", "run_root", "seed",
+                                              "loader", "device")}
+
+    def payload(self, stage: str) -> dict:
+        """The start of the hashed description of a run: which stage on which data."""
+        return {"stage": stage, "dataset": str(Path(self.dataset_root).resolve()),
+                "dataset_kind": self.dataset_kind, "loader": self.loader}
 
 
 def config_hash(payload: dict) -> str:
@@ -23,23 +71,27 @@ def run_dir_for(run_root: str | os.PathLike, dataset_root: str | os.PathLike, pr
     return Path(run_root) / dataset / preset / stage / config_hash(payload)
 
 
+def start_run(config: StageConfig, stage: str, payload: dict, label: str) -> tuple[Path, bool]:
+    """(run directory, finished). A finished run (summary.json present) is reused as is; a new or
+    interrupted one gets its config.yaml (the config and the hashed payload) written."""
+    run_dir = run_dir_for(config.run_root, config.dataset_root, config.preset, stage, payload)
+    if (run_dir / "summary.json").exists():
+        log.info("%s: reusing finished run %s", label, run_dir)
+        return run_dir, True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", yaml.safe_dump({"config": asdict(config), "resolved": payload},
+                                                       sort_keys=False))
+    return run_dir, False
+
+
 def resolve_device(device: str) -> str:
+    """"auto" -> cuda when available, else cpu; a CUDA device asked for on a machine without one is an error."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for but CUDA is not available")
     return device
 
 
 def read_summary(run_dir: str | os.PathLike) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
-
-
-
-def train_settings(defaults: dict, config, seed: int) -> dict:
-    """The preset's TrainConfig defaults with the config's non-None overrides."""
-    settings = dict(defaults)
-    for key in ("epochs", "max_steps", "batch_size", "lr"):
-        value = getattr(config, key)
-        if value is not None:
-            settings[key] = value
-    settings["seed"] = seed
-    return settings

@@ -4,18 +4,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from cxpmrg_lib.fileio import write_json, write_text
+from cxpmrg_lib.data.dataset import collate_studies
+from cxpmrg_lib.fileio import write_json
 from cxpmrg_lib.presets import get_preset
-from cxpmrg_lib.stage_data import DEFAULT_LOADER
 from cxpmrg_lib.stages.autoregressive import AutoregressiveConfig, load_autoregressive, pretrain_autoregressive
-from cxpmrg_lib.stages.common import resolve_device, run_dir_for, train_settings
+from cxpmrg_lib.stages.common import StageConfig, resolve_device, start_run
 
 log = logging.getLogger(__name__)
 
@@ -24,38 +23,24 @@ __all__ = ["ContrastiveConfig", "pretrain_contrastive", "contrastive_embeddings"
 
 
 @dataclass
-class ContrastiveConfig:
+class ContrastiveConfig(StageConfig):
     """Stage 2. `init`: "stage1" starts the 4-way encoder from stage 1 (trained or reused with the
     same dataset, preset and seed), "random" skips stage 1 (the ablation row)."""
-    dataset_root: str
-    dataset_kind: str = "auto"
-    preset: str = "tiny"
-    run_root: str = "runs"
     init: str = "stage1"
-    epochs: float | None = None
-    max_steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    seed: int = 0
     max_studies: int | None = None
     max_images: int = 2                  # views per study, averaged after pooling
     text_pretrained: str | None = None   # a local BERT-family checkpoint (e.g. Bio_ClinicalBERT)
-    loader: dict = field(default_factory=lambda: dict(DEFAULT_LOADER))
     checkpoint_every: int = 100
     stage1_epochs: float | None = None   # passed to stage 1 when it has to be trained
-    device: str = "auto"
+
+    preset_defaults = "stage2"
 
     def __post_init__(self):
         if self.init not in ("stage1", "random"):
             raise ValueError(f"init must be 'stage1' or 'random', not {self.init!r}")
 
-    def train_settings(self) -> dict:
-        return train_settings(get_preset(self.preset).stage2, self, self.seed)
-
     def stage1_config(self) -> AutoregressiveConfig:
-        return AutoregressiveConfig(dataset_root=self.dataset_root, dataset_kind=self.dataset_kind, preset=self.preset,
-                                    run_root=self.run_root, epochs=self.stage1_epochs, seed=self.seed,
-                                    loader=self.loader, device=self.device)
+        return AutoregressiveConfig(**self.shared(), epochs=self.stage1_epochs)
 
 
 def _text_config(config: ContrastiveConfig):
@@ -92,18 +77,13 @@ def pretrain_contrastive(config: ContrastiveConfig) -> Path:
     settings = config.train_settings()
     stage1_dir = pretrain_autoregressive(config.stage1_config()) if config.init == "stage1" else None
     text_cfg = _text_config(config)
-    payload = {"stage": "contrastive", "dataset": str(Path(config.dataset_root).resolve()),
-               "dataset_kind": config.dataset_kind, "loader": config.loader, "max_studies": config.max_studies,
+    payload = {**config.payload("contrastive"), "max_studies": config.max_studies,
                "max_images": config.max_images, "init": config.init,
                "stage1": stage1_dir.name if stage1_dir else None, "encoder": preset.encoder.to_dict(),
                "text": text_cfg.to_dict(), "proj_dim": preset.proj_dim, "train": settings}
-    run_dir = run_dir_for(config.run_root, config.dataset_root, config.preset, "contrastive", payload)
-    if (run_dir / "summary.json").exists():
-        log.info("stage 2: reusing finished run %s", run_dir)
+    run_dir, finished = start_run(config, "contrastive", payload, "stage 2")
+    if finished:
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump({"config": asdict(config), "resolved": payload},
-                                                       sort_keys=False))
     size = preset.encoder.image_size
     studies, table = load_studies(config.dataset_root, size, "train", config.dataset_kind, config.max_studies,
                                   config.loader, config.max_images)
@@ -118,7 +98,7 @@ def pretrain_contrastive(config: ContrastiveConfig) -> Path:
     model = ContrastiveModel(four_way_encoder(config.preset, stage1_dir), text_encoder, preset.proj_dim)
 
     def collate(batch):
-        out = studies.collate(batch) if hasattr(studies, "collate") else _collate_studies(batch)
+        out = collate_studies(batch)
         out.update(text_encoder.tokenize(out["report"], device="cpu"))
         return out
 
@@ -146,12 +126,6 @@ def pretrain_contrastive(config: ContrastiveConfig) -> Path:
     return run_dir
 
 
-def _collate_studies(batch):
-    from cxpmrg_lib.data.dataset import collate_studies
-
-    return collate_studies(batch)
-
-
 @torch.no_grad()
 def contrastive_embeddings(model, dataset_root, split: str = "val", kind: str = "auto", loader: dict | None = None,
                            max_images: int = 2, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, "object"]:
@@ -165,7 +139,7 @@ def contrastive_embeddings(model, dataset_root, split: str = "val", kind: str = 
     imgs, txts = [], []
     for start in tqdm(range(0, len(studies), batch_size), desc=f"embed {split}", unit="batch", leave=False):
         items = [studies[i] for i in range(start, min(start + batch_size, len(studies)))]
-        batch = _collate_studies(items)
+        batch = collate_studies(items)
         toks = model.text_encoder.tokenize(batch["report"])
         imgs.append(model.embed_images(batch["image"], batch["image_mask"]))
         txts.append(model.embed_texts(toks["input_ids"], toks["attention_mask"]))

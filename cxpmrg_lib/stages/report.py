@@ -15,43 +15,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 from torch.utils.data import Dataset
 
-from cxpmrg_lib.fileio import atomic_path, write_json, write_text
+from cxpmrg_lib.data.dataset import collate_studies
+from cxpmrg_lib.fileio import atomic_path, write_json
 from cxpmrg_lib.presets import get_preset
-from cxpmrg_lib.stage_data import DEFAULT_LOADER, split_table, load_studies
-from cxpmrg_lib.stages.common import read_summary, resolve_device, run_dir_for, train_settings
+from cxpmrg_lib.stage_data import load_studies, split_table
+from cxpmrg_lib.stages.common import StageConfig, read_summary, resolve_device, start_run
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ReportLMStageConfig", "pretrain_report_lm", "FinetuneConfig", "finetune_report", "load_report_model",
-           "report_examples",
-           "generate_reports"]
+           "report_examples", "generate_reports"]
 
 INITS = ("stage2", "stage1", "random")
 
 
 @dataclass
-class ReportLMStageConfig:
-    dataset_root: str
-    dataset_kind: str = "auto"
-    preset: str = "tiny"
-    run_root: str = "runs"
-    epochs: float | None = None
-    max_steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    seed: int = 0
+class ReportLMStageConfig(StageConfig):
+    """The report LM stage (see StageConfig for the shared fields)."""
     max_studies: int | None = None
-    loader: dict = field(default_factory=lambda: dict(DEFAULT_LOADER))
     checkpoint_every: int = 200
-    device: str = "auto"
+
+    preset_defaults = "lm_stage"
 
 
 class _Reports(Dataset):
@@ -71,17 +62,12 @@ def pretrain_report_lm(config: ReportLMStageConfig) -> Path:
     from cxpmrg_lib.trainer import TrainConfig, train
 
     preset = get_preset(config.preset)
-    settings = train_settings(preset.lm_stage, config, config.seed)
-    payload = {"stage": "report_lm", "dataset": str(Path(config.dataset_root).resolve()),
-               "dataset_kind": config.dataset_kind, "loader": config.loader, "max_studies": config.max_studies,
+    settings = config.train_settings()
+    payload = {**config.payload("report_lm"), "max_studies": config.max_studies,
                "lm": preset.report_lm.to_dict(), "train": settings}
-    run_dir = run_dir_for(config.run_root, config.dataset_root, config.preset, "report_lm", payload)
-    if (run_dir / "summary.json").exists():
-        log.info("report LM: reusing finished run %s", run_dir)
+    run_dir, finished = start_run(config, "report_lm", payload, "report LM")
+    if finished:
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump({"config": asdict(config), "resolved": payload},
-                                                       sort_keys=False))
     table = split_table(config.dataset_root, "train", config.dataset_kind, config.max_studies, config.loader)
     reports = [str(r) for r in table["report"]]
     tok_dir = run_dir / "tokenizer"
@@ -112,21 +98,12 @@ def pretrain_report_lm(config: ReportLMStageConfig) -> Path:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(StageConfig):
     """Stage 3. `init`: the encoder starts from stage 2 ("stage2", the full model), from stage 1
     ("stage1") or at random ("random"): the paper's ablation rows."""
-    dataset_root: str
-    dataset_kind: str = "auto"
-    preset: str = "tiny"
-    run_root: str = "runs"
     init: str = "stage2"
     freeze_encoder: bool = False
     lm_pretrained: str | None = None     # a local causal-LM folder (Llama-2, Qwen, ...); None: the preset's LM stage
-    epochs: float | None = None
-    max_steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    seed: int = 0
     max_studies: int | None = None
     max_images: int = 2
     val_studies: int = 64                # validated during training (greedy decoding, no METEOR)
@@ -134,10 +111,10 @@ class FinetuneConfig:
     num_beams: int = 3
     repetition_penalty: float = 2.0
     no_repeat_ngram_size: int = 3
-    loader: dict = field(default_factory=lambda: dict(DEFAULT_LOADER))
     earlier_epochs: float | None = None  # epochs for stages 1-2 and the LM when they must be trained (smoke runs)
     checkpoint_every: int = 200
-    device: str = "auto"
+
+    preset_defaults = "stage3"
 
     def __post_init__(self):
         if self.init not in INITS:
@@ -148,8 +125,7 @@ def _encoder_for(config: FinetuneConfig):
     from cxpmrg_lib.stages.autoregressive import AutoregressiveConfig, pretrain_autoregressive
     from cxpmrg_lib.stages.contrastive import ContrastiveConfig, four_way_encoder, load_contrastive, pretrain_contrastive
 
-    common = dict(dataset_root=config.dataset_root, dataset_kind=config.dataset_kind, preset=config.preset,
-                  run_root=config.run_root, seed=config.seed, loader=config.loader, device=config.device)
+    common = config.shared()
     if config.init == "random":
         return four_way_encoder(config.preset, None), None
     if config.init == "stage1":
@@ -163,10 +139,7 @@ def _encoder_for(config: FinetuneConfig):
 def _lm_dir(config: FinetuneConfig) -> Path:
     if config.lm_pretrained:
         return Path(config.lm_pretrained)
-    run = pretrain_report_lm(ReportLMStageConfig(dataset_root=config.dataset_root, dataset_kind=config.dataset_kind,
-                                                 preset=config.preset, run_root=config.run_root, seed=config.seed,
-                                                 loader=config.loader, epochs=config.earlier_epochs,
-                                                 device=config.device))
+    run = pretrain_report_lm(ReportLMStageConfig(**config.shared(), epochs=config.earlier_epochs))
     return run / "lm"
 
 
@@ -182,22 +155,16 @@ def finetune_report(config: FinetuneConfig) -> Path:
     from cxpmrg_lib.models.report_lm import ReportLMConfig, VisualPrefixLM, load_report_lm, median_report_tokens
     from cxpmrg_lib.trainer import TrainConfig, load_weights, train
 
-    preset = get_preset(config.preset)
-    settings = train_settings(preset.stage3, config, config.seed)
+    settings = config.train_settings()
     encoder, encoder_run = _encoder_for(config)
     lm_dir = _lm_dir(config)
-    payload = {"stage": "finetune", "dataset": str(Path(config.dataset_root).resolve()),
-               "dataset_kind": config.dataset_kind, "loader": config.loader, "init": config.init,
+    payload = {**config.payload("finetune"), "init": config.init,
                "encoder_run": encoder_run.name if encoder_run else None, "lm": str(Path(lm_dir).resolve()),
                "freeze_encoder": config.freeze_encoder, "max_studies": config.max_studies,
                "max_images": config.max_images, "val_studies": config.val_studies, "train": settings}
-    run_dir = run_dir_for(config.run_root, config.dataset_root, config.preset, "finetune", payload)
-    if (run_dir / "summary.json").exists():
-        log.info("stage 3: reusing finished run %s", run_dir)
+    run_dir, finished = start_run(config, "finetune", payload, "stage 3")
+    if finished:
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump({"config": asdict(config), "resolved": payload},
-                                                       sort_keys=False))
     size = encoder.config.image_size
     studies, table = load_studies(config.dataset_root, size, "train", config.dataset_kind, config.max_studies,
                                   config.loader, config.max_images)
@@ -225,7 +192,7 @@ def finetune_report(config: FinetuneConfig) -> Path:
     steps_per_epoch = max(1, len(studies) // settings["batch_size"])
     train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=resolve_device(config.device),
                                eval_every=steps_per_epoch, best_metric="select", **settings)
-    result = train(model, studies, loss_fn, train_config, run_dir, collate_fn=studies.collate,
+    result = train(model, studies, loss_fn, train_config, run_dir, collate_fn=collate_studies,
                    batch_size_of=lambda b: int(b["image_mask"].sum()), model_config=generator_cfg,
                    eval_fn=eval_fn, desc=f"stage 3 (report, {config.init} init)")
     best = run_dir / "best"
@@ -266,8 +233,6 @@ def _test_predictions(model, config: FinetuneConfig, run_dir: Path) -> dict:
 def generate_reports(model, studies, batch_size: int = 16, **decoding) -> list[str]:
     """Reports for every study of a dataset (items as StudyTensorDataset's), in order."""
     from tqdm.auto import tqdm
-
-    from cxpmrg_lib.data.dataset import collate_studies
 
     device = next(model.head.proj.parameters()).device
     out: list[str] = []
