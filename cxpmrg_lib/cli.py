@@ -66,20 +66,70 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------ pretrain
-def _cmd_pretrain_autoregressive(a: argparse.Namespace) -> int:
-    from cxpmrg_lib.stages import AutoregressiveConfig, pretrain_autoregressive, read_summary
-
+def _stage_common(a: argparse.Namespace) -> dict:
+    """The StageConfig fields every stage command takes; writes the phantom when no --dataset-root."""
     root = a.dataset_root
     if root is None:
         from cxpmrg_lib.data.prepare import ensure_phantom
 
         root = str(ensure_phantom(a.data_root, a.phantom_studies, a.phantom_size, a.seed))
-    cfg = AutoregressiveConfig(dataset_root=root, dataset_kind=a.kind, preset=a.preset, run_root=a.run_root,
-                               epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
-                               seed=a.seed, max_images=a.max_images, device=a.device)
-    run_dir = pretrain_autoregressive(cfg)
+    return dict(dataset_root=root, dataset_kind=a.kind, preset=a.preset, run_root=a.run_root, epochs=a.epochs,
+                max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
+                on_bad_image=a.on_bad_image)
+
+
+def _cmd_pretrain_autoregressive(a: argparse.Namespace) -> int:
+    from cxpmrg_lib.stages import AutoregressiveConfig, pretrain_autoregressive, read_summary
+
+    run_dir = pretrain_autoregressive(AutoregressiveConfig(**_stage_common(a), max_images=a.max_images))
     summary = read_summary(run_dir)
     print(f"stage 1 done: {run_dir} ({summary['steps']} steps, final loss {summary['final_loss']:.4f})")
+    return 0
+
+
+def _cmd_pretrain_contrastive(a: argparse.Namespace) -> int:
+    from cxpmrg_lib.stages import ContrastiveConfig, pretrain_contrastive, read_summary
+
+    run_dir = pretrain_contrastive(ContrastiveConfig(**_stage_common(a), init=a.init,
+                                                     text_pretrained=a.text_pretrained))
+    summary = read_summary(run_dir)
+    r = summary["retrieval"]["test"]
+    print(f"stage 2 done: {run_dir} ({summary['steps']} steps, final loss {summary['final_loss']:.4f})")
+    print("test retrieval (%): " + ", ".join(f"{k} {v:.1f}" for k, v in r.items() if isinstance(v, (int, float))))
+    return 0
+
+
+def _cmd_finetune(a: argparse.Namespace) -> int:
+    from cxpmrg_lib.stages import FinetuneConfig, finetune_report, read_summary
+
+    run_dir = finetune_report(FinetuneConfig(**_stage_common(a), init=a.init, lm_pretrained=a.lm_pretrained,
+                                             freeze_encoder=a.freeze_encoder, num_beams=a.beams,
+                                             test_studies=a.test_studies))
+    summary = read_summary(run_dir)
+    m = summary["test_metrics"]
+    print(f"stage 3 done: {run_dir} ({summary['steps']} steps; {summary['test_studies']} test studies: "
+          f"BLEU-4 {m['bleu4']:.3f}, ROUGE-L {m['rouge_l']:.3f}, CE-F1 {m['ce_f1']:.3f})")
+    print(f"predictions: {run_dir / 'predictions_test.csv'}")
+    return 0
+
+
+# ------------------------------------------------------------------------ bench
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from cxpmrg_lib.bench import DEFAULT_SYSTEMS, SYSTEMS, BenchConfig, read_results, run_bench
+
+    if a.list:
+        for s in SYSTEMS.values():
+            mark = "*" if s.slug in DEFAULT_SYSTEMS else " "
+            print(f"{mark} {s.slug:<30} {s.name:<40} {s.family:<16} {s.paper}")
+        print("(* = in the default benchmark)")
+        return 0
+    common = _stage_common(a)
+    out = run_bench(BenchConfig(**common, systems=a.systems, test_studies=a.test_studies, num_beams=a.beams,
+                                lm_epochs=a.lm_epochs, n_boot=a.n_boot))
+    table = read_results(out)
+    cols = ["name", "bleu4", "rouge_l", "meteor", "cider", "ce_f1", "train_min", "trainable_m", "reports_per_s"]
+    print(table[[c for c in cols if c in table]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"results: {out / 'results.csv'}; predictions: {out / 'predictions'}")
     return 0
 
 
@@ -118,6 +168,16 @@ def _cmd_perf_encoder(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_perf_report(a: argparse.Namespace) -> int:
+    from cxpmrg_lib.perf_report import benchmark_report, format_report_table
+
+    result = benchmark_report(a.dataset, run_dir=a.run, preset=a.preset, kind=a.kind, batch=a.batch,
+                              train_steps=a.steps, n_reports=a.n_reports, n_greedy=a.n_greedy, out_json=a.out)
+    print(format_report_table(result))
+    print(f"wrote {a.out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- book
 def _cmd_book(a: argparse.Namespace) -> int:
     from cxpmrg_lib.pipeline import run_book
@@ -139,6 +199,24 @@ def _parse_value(text: str):
 
 
 # ---------------------------------------------------------------------------- main
+def _add_stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset-root", default=None, help="dataset tree (default: the embedded phantom)")
+    p.add_argument("--kind", default="auto", help="auto | chexpert_plus | r2gen")
+    p.add_argument("--data-root", default="data", help="where the phantom is written when no --dataset-root")
+    p.add_argument("--phantom-studies", type=int, default=3000)
+    p.add_argument("--phantom-size", type=int, default=256)
+    p.add_argument("--preset", default="tiny", help="tiny | base | large")
+    p.add_argument("--run-root", default="runs")
+    p.add_argument("--epochs", type=float, default=None, help="default: the preset's")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--on-bad-image", default="skip", choices=["skip", "error"],
+                   help="an unreadable image: leave it out and count it (default), or stop naming it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cxpmrg",
@@ -201,21 +279,38 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="run a pre-training stage (cached by config hash in the run folder)")
     ptsub = pt.add_subparsers(dest="stage", required=True)
     ar = ptsub.add_parser("autoregressive", help="stage 1: autoregressive pixel pre-training of the encoder")
-    ar.add_argument("--dataset-root", default=None, help="dataset tree (default: the embedded phantom)")
-    ar.add_argument("--kind", default="auto", help="auto | chexpert_plus | r2gen")
-    ar.add_argument("--data-root", default="data", help="where the phantom is written when no --dataset-root")
-    ar.add_argument("--phantom-studies", type=int, default=3000)
-    ar.add_argument("--phantom-size", type=int, default=256)
-    ar.add_argument("--preset", default="tiny", help="tiny | base | large")
-    ar.add_argument("--run-root", default="runs")
-    ar.add_argument("--epochs", type=float, default=None, help="default: the preset's")
-    ar.add_argument("--max-steps", type=int, default=None)
-    ar.add_argument("--batch-size", type=int, default=None)
-    ar.add_argument("--lr", type=float, default=None)
+    _add_stage_args(ar)
     ar.add_argument("--max-images", type=int, default=None, help="use only the first N training images")
-    ar.add_argument("--seed", type=int, default=0)
-    ar.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ar.set_defaults(func=_cmd_pretrain_autoregressive)
+    co = ptsub.add_parser("contrastive", help="stage 2: X-ray/report contrastive pre-training (4-way encoder)")
+    _add_stage_args(co)
+    co.add_argument("--init", default="stage1", choices=["stage1", "random"],
+                    help="encoder start: the stage-1 run (trained first if needed) or random (the ablation)")
+    co.add_argument("--text-pretrained", default=None, help="a local BERT-family folder (e.g. Bio_ClinicalBERT)")
+    co.set_defaults(func=_cmd_pretrain_contrastive)
+
+    # bench
+    bn = sub.add_parser("bench", help="the benchmark: every report generator through one protocol")
+    _add_stage_args(bn)
+    bn.add_argument("--systems", nargs="+", default=None, help="system slugs (see --list); default: the default set")
+    bn.add_argument("--list", action="store_true", help="list the systems and exit")
+    bn.add_argument("--test-studies", type=int, default=None, help="first N test studies (default: all)")
+    bn.add_argument("--beams", type=int, default=3)
+    bn.add_argument("--lm-epochs", type=float, default=2.0, help="epochs of each fresh LM of the LM swap")
+    bn.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs and paired tests")
+    bn.set_defaults(func=_cmd_bench)
+
+    # finetune
+    ft = sub.add_parser("finetune", help="stage 3: report generation with a frozen LM; writes test predictions")
+    _add_stage_args(ft)
+    ft.add_argument("--init", default="stage2", choices=["stage2", "stage1", "random"],
+                    help="encoder start: stage 2 (the full model), stage 1, or random (the ablation rows)")
+    ft.add_argument("--lm-pretrained", default=None, help="a local causal-LM folder (Llama-2, Qwen, ...); "
+                    "default: the preset's small LM, trained on the reports first")
+    ft.add_argument("--freeze-encoder", action="store_true", help="train only the projection (paper: trained)")
+    ft.add_argument("--beams", type=int, default=3, help="beam size of the test predictions")
+    ft.add_argument("--test-studies", type=int, default=None, help="first N test studies (default: all)")
+    ft.set_defaults(func=_cmd_finetune)
 
     # generate
     gn = sub.add_parser("generate", help="write the report for one study's images with a trained stage-3 run")
@@ -244,6 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--preset", default="tiny")
     en.add_argument("--out", type=Path, default=Path("runs/perf/encoder.json"))
     en.set_defaults(func=_cmd_perf_encoder)
+    rp = pfsub.add_parser("report", help="stage-3 training studies/s and report generation reports/s, peak memory")
+    rp.add_argument("--dataset", required=True, help="dataset root (studies are taken from its train/test splits)")
+    rp.add_argument("--kind", default="auto", help="dataset kind: auto | chexpert_plus | r2gen")
+    rp.add_argument("--run", default=None, help="a finished stage-3 run to measure; default: an untrained model "
+                    "of the preset (reports run to the maximum length: an upper bound)")
+    rp.add_argument("--preset", default="tiny")
+    rp.add_argument("--batch", type=int, default=16, help="training batch (studies)")
+    rp.add_argument("--steps", type=int, default=6, help="timed training steps per setting")
+    rp.add_argument("--n-reports", type=int, default=500, help="test reports generated with the default decoding")
+    rp.add_argument("--n-greedy", type=int, default=100, help="test reports generated greedily (the baseline)")
+    rp.add_argument("--out", type=Path, default=Path("runs/perf/report.json"))
+    rp.set_defaults(func=_cmd_perf_report)
 
     # book
     bk = sub.add_parser("book", help="run the notebooks through papermill and build the Jupyter Book")
@@ -261,11 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from cxpmrg_lib.data.errors import DataError
+    from cxpmrg_lib.errors import USER_ERRORS
 
     try:
         return args.func(args)
-    except (DataError, FileNotFoundError, FileExistsError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The pipeline, in order. Later issues append notebooks here and to book/_toc.yml.
-NOTEBOOKS = ["00_data", "01_autoregressive"]
+NOTEBOOKS = ["00_data", "01_autoregressive", "02_contrastive", "03_finetune"]
 
 # A smoke run checks the whole pipeline in minutes on tiny data (tests use it).
 SMOKE_PARAMS = {

@@ -1,6 +1,7 @@
 """Figures for the book (matplotlib/seaborn). Each function takes plain data and returns a Figure."""
 from __future__ import annotations
 
+import logging
 import os
 import textwrap
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 import pandas as pd
 
 from cxpmrg_lib.observations import CHEXPERT_LABELS
+
+log = logging.getLogger(__name__)
 
 SYNTHETIC_NOTE = "synthetic data (phantom): not an estimate of performance on real radiographs"
 
@@ -321,6 +324,9 @@ def embedding_map(embeddings, table: pd.DataFrame, method: str = "pca", seed: in
     return fig
 
 
+METRIC_LABELS = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "meteor": "METEOR",
+                 "rouge_l": "ROUGE-L", "cider": "CIDEr", "ce_precision": "CE precision", "ce_recall": "CE recall",
+                 "ce_f1": "CE F1"}
 REPORT_METRICS = ["bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "ce_precision", "ce_recall",
                   "ce_f1"]
 
@@ -344,11 +350,46 @@ def metrics_table(results: Mapping[str, Mapping], keys: Sequence[str] = REPORT_M
     return pd.DataFrame.from_dict(rows, orient="index")[list(keys)]
 
 
+def ablation_bars(results: Mapping[str, Mapping], keys: Sequence[str] = ("bleu4", "ce_f1"),
+                  title: str = "Stage-3 test metrics by encoder initialisation", note: str | None = None) -> plt.Figure:
+    """One panel per metric: a bar per model (stage-3 summaries: test_metrics + test_ci) with its 95% CI."""
+    names = list(results)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for ax, k in zip(axes[0], keys):
+        vals = np.array([results[n]["test_metrics"][k] for n in names], dtype=float)
+        cis = [(results[n].get("test_ci") or {}).get(k) or (v, v) for n, v in zip(names, vals)]
+        err = np.array([[v - lo for (lo, _), v in zip(cis, vals)], [hi - v for (_, hi), v in zip(cis, vals)]])
+        ax.bar(range(len(names)), vals, yerr=np.clip(err, 0, None), capsize=4,
+               color=[colors[i % 10] for i in range(len(names))])
+        ax.set_xticks(range(len(names)), [textwrap.fill(n, 14) for n in names], fontsize=8)
+        ax.set_title(METRIC_LABELS.get(k, k))
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    if note:
+        fig.text(0.5, -0.02, note, ha="center", fontsize=8, style="italic")
+    fig.tight_layout()
+    return fig
+
+
+PAPER_RESULTS = Path(__file__).resolve().parents[1] / "data_manifests" / "paper_results"
+
+
 def paper_rows(paper_csv: str | os.PathLike, algorithms: Sequence[str],
                keys: Sequence[str] = ("bleu4", "rouge_l", "meteor", "cider", "ce_precision", "ce_recall", "ce_f1")
                ) -> pd.DataFrame:
-    """The paper's published numbers for some algorithms, labelled as the paper's."""
-    table = pd.read_csv(paper_csv)
+    """The paper's published numbers for some algorithms, labelled as the paper's.
+
+    `paper_csv`: a path, or the name of a table in data_manifests/paper_results/ (e.g.
+    "table1_mrg_algorithms_chexpert_plus"). An empty frame when the table is not there
+    (an installed package without the repository's data_manifests/)."""
+    path = Path(paper_csv)
+    if not path.exists() and not path.suffix:
+        path = PAPER_RESULTS / f"{paper_csv}.csv"
+    if not path.exists():
+        log.warning("the paper's table %s is not here; its rows are left out", paper_csv)
+        return pd.DataFrame(columns=list(keys))
+    table = pd.read_csv(path)
     table = table[table["algorithm"].isin(algorithms)].set_index("algorithm")[list(keys)]
     table.index = [f"{a} (paper, CheXpert Plus, real data)" for a in table.index]
     return table
@@ -370,3 +411,95 @@ def report_examples(examples: pd.DataFrame, root: str | os.PathLike, n: int = 10
         axes[i, 1].set_axis_off()
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+FAMILY_COLORS = {"floor": "#999999", "encoder-decoder": "#1f77b4", "frozen LM": "#2ca02c",
+                 "MambaXray-VL": "#d62728", "LM swap": "#9467bd"}
+
+
+def bench_bubbles(results: pd.DataFrame, x: str = "ce_f1", y: str = "bleu4", size: str = "total_m",
+                  note: str | None = None) -> plt.Figure:
+    """The paper's Figure 1 for our rows: BLEU-4 against CE-F1, bubble area by parameters, colour by family."""
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    sizes = results[size].astype(float).fillna(0.0)
+    scale = 1500.0 / max(float(sizes.max()), 1e-9)
+    for _, r in results.iterrows():
+        color = FAMILY_COLORS.get(r["family"], "#333333")
+        ax.scatter(r[x], r[y], s=max(30.0, float(r[size] or 0.0) * scale), color=color, alpha=0.45,
+                   edgecolor="black", linewidth=0.6)
+        ax.annotate(r["name"], (r[x], r[y]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    for fam, color in FAMILY_COLORS.items():
+        if fam in set(results["family"]):
+            ax.scatter([], [], color=color, alpha=0.6, label=fam)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel(METRIC_LABELS.get(x, x))
+    ax.set_ylabel(METRIC_LABELS.get(y, y))
+    ax.set_title(f"{METRIC_LABELS.get(y, y)} against {METRIC_LABELS.get(x, x)} (bubble area: parameters, M)")
+    ax.grid(alpha=0.3)
+    if note:
+        fig.text(0.5, -0.01, note, ha="center", fontsize=8, style="italic")
+    fig.tight_layout()
+    return fig
+
+
+def label_heatmap(table: pd.DataFrame, title: str = "CE F1 per observation") -> plt.Figure:
+    """Systems x observations heatmap of per-label F1 (NaN: the label never occurs)."""
+    fig, ax = plt.subplots(figsize=(12, 0.45 * len(table) + 2.2))
+    values = table.to_numpy(dtype=float)
+    im = ax.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(table.shape[1]), table.columns, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if values[i, j] == values[i, j]:
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if values[i, j] < 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.025)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def pvalue_matrix(table: pd.DataFrame, metric: str = "ce_f1", alpha: float = 0.05) -> plt.Figure:
+    """Pairwise paired-test p-values; cells below `alpha` are marked with a star."""
+    fig, ax = plt.subplots(figsize=(0.55 * len(table) + 3, 0.5 * len(table) + 2))
+    values = table.to_numpy(dtype=float)
+    im = ax.imshow(np.log10(np.clip(values, 1e-4, 1)), cmap="magma", vmin=-4, vmax=0)
+    ax.set_xticks(range(len(table)), table.columns, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(table)), table.index, fontsize=7)
+    for i in range(len(table)):
+        for j in range(len(table)):
+            if values[i, j] == values[i, j]:
+                ax.text(j, i, f"{values[i, j]:.2f}" + ("*" if values[i, j] < alpha else ""), ha="center",
+                        va="center", fontsize=5.5, color="white" if values[i, j] < 0.1 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.03, label="log10 p")
+    ax.set_title(f"Paired bootstrap p-values, {METRIC_LABELS.get(metric, metric)} (* p < {alpha})")
+    fig.tight_layout()
+    return fig
+
+
+def results_bars(results: pd.DataFrame, keys: Sequence[str] = ("bleu4", "ce_f1"), title: str = "",
+                 note: str | None = None) -> plt.Figure:
+    """Bars with 95% CIs for some rows of results.csv (value, value_lo, value_hi columns)."""
+    summaries = {r["name"]: {"test_metrics": {k: r[k] for k in keys},
+                             "test_ci": {k: (r.get(f"{k}_lo"), r.get(f"{k}_hi")) for k in keys}}
+                 for _, r in results.iterrows()}
+    return ablation_bars(summaries, keys, title=title, note=note)
+
+
+def paper_table(name: str, index: str | Sequence[str], where: Mapping[str, str] | None = None):
+    """A whole published table of the paper (data_manifests/paper_results/<name>.csv), indexed by
+    `index`, optionally filtered (`where` column -> value), under a caption that says whose numbers
+    they are. Empty when the table is not there."""
+    path = PAPER_RESULTS / f"{name}.csv"
+    if not path.exists():
+        log.warning("the paper's table %s is not here", path)
+        return pd.DataFrame()
+    table = pd.read_csv(path)
+    for col, value in (where or {}).items():
+        table = table[table[col] == value]
+    table = table.drop(columns=[c for c in ("index",) if c in table]).set_index(index)
+    return table.style.set_caption(f"The paper's published numbers ({name}; real data, the paper's GPUs): "
+                                   "not comparable with the phantom rows, shown for scale").format(precision=3, na_rep="-")

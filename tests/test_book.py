@@ -49,6 +49,17 @@ def test_smoke_book_builds_with_data_chapter(tmp_path):
         assert heading in page
     assert len(re.findall(r'<img[^>]+src="([^"]+)"', page)) >= 3
     assert "mean AUROC" in page
+    # stage 2: loss curves, retrieval table with the ablation, similarity heatmap, embedding map
+    page = (html / "notebooks" / "02_contrastive.html").read_text()
+    for heading in ("Loss curves", "Retrieval", "similarity matrix", "stage 2 only (random init)"):
+        assert heading in page
+    assert len(re.findall(r'<img[^>]+src="([^"]+)"', page)) >= 4
+    # stage 3: loss curves, metrics with CIs, the paper's rows, the ablation test, ten examples
+    page = (html / "notebooks" / "03_finetune.html").read_text()
+    for heading in ("Test metrics with 95% confidence intervals", "paper, CheXpert Plus, real data",
+                    "The ablation", "(a) random init", "(b) stage 1", "Ten test studies", "95% CI"):
+        assert heading in page, heading
+    assert len(re.findall(r'<img[^>]+src="([^"]+)"', page)) >= 5
     times = json.loads((book / "_build" / "pipeline_times.json").read_text())
     assert set(times["steps"]) == set(NOTEBOOKS) | {"jupyter-book build"}
     # the data was written where asked, under names that encode its settings (reused next time)

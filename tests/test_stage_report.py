@@ -33,6 +33,11 @@ def test_finetune_report_smoke(phantom, tmp_path, capsys):
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert evals and "select" in evals[-1]["eval"]
     assert finetune_report(cfg) == run                      # cached
+    trained = (run / "metrics.jsonl").read_text()
+    from dataclasses import replace
+    assert finetune_report(replace(cfg, test_studies=3)) == run   # other test settings: predictions only
+    assert read_summary(run)["test_studies"] == 3 and len(pd.read_csv(run / "predictions_test.csv")) == 3
+    assert (run / "metrics.jsonl").read_text() == trained and read_summary(run)["steps"] == 2
 
     image = next((phantom / "PNG").rglob("*.png"))
     report = ReportGenerator.from_pretrained(run).generate([image], num_beams=1)
@@ -40,3 +45,18 @@ def test_finetune_report_smoke(phantom, tmp_path, capsys):
     assert main(["generate", "--run", str(run), str(image), "--json", "--beams", "1"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["report"] == report
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    assert main(["generate", "--run", str(run), str(junk)]) == 2
+    assert "cannot load image" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_finetune_random_init(phantom, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["finetune", "--dataset-root", str(phantom), "--run-root", str(runs), "--init", "random",
+                 "--max-steps", "1", "--batch-size", "4", "--beams", "1", "--test-studies", "3",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 3 done" in out and "BLEU-4" in out and "predictions_test.csv" in out
+    assert len(list((runs / phantom.name / "tiny" / "report_lm").glob("*/summary.json"))) == 1

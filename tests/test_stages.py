@@ -108,3 +108,22 @@ def test_pretrain_contrastive_from_stage1_and_random(phantom, tmp_path):
     ablation = pretrain_contrastive(ContrastiveConfig(**common, init="random"))
     assert ablation != run and read_summary(ablation)["stage1_run"] is None
     assert pretrain_contrastive(ContrastiveConfig(**common, init="random")) == ablation   # cached
+
+
+def test_cli_pretrain_contrastive_and_unfinished_stage1(phantom, tmp_path, capsys):
+    from cxpmrg_lib.cli import main
+    from cxpmrg_lib.errors import RunError
+    from cxpmrg_lib.stages import four_way_encoder
+
+    runs = tmp_path / "runs"
+    args = ["--dataset-root", str(phantom), "--run-root", str(runs), "--max-steps", "1", "--batch-size", "4",
+            "--device", "cpu"]
+    assert main(["pretrain", "contrastive", *args, "--init", "random"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 2 done" in out and "i2t_R@1" in out
+    # a stage-1 run that was interrupted (no summary.json) cannot seed stage 2: said plainly
+    half = runs / "half"
+    half.mkdir()
+    (half / "config.yaml").write_text("config: {preset: tiny}\nresolved: {stage: autoregressive}\n")
+    with pytest.raises(RunError, match="unfinished stage-1"):
+        four_way_encoder("tiny", half)

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cxpmrg_lib.data.images import load_image
+from cxpmrg_lib.data.images import ImageLoadError, load_image
 from cxpmrg_lib.observations import CHEXPERT_LABELS
 
 __all__ = ["StudyDataset", "collate_studies", "make_loader"]
@@ -33,11 +33,18 @@ class StudyDataset(Dataset):
     Pixels are loaded in [0, 1] (see images.load_image), passed through `transform`
     (a callable on one (1, S, S) tensor, e.g. augmentation) and then normalised as
     (x - mean) / std; the defaults map [0, 1] to [-1, 1].
+
+    `on_bad_image`: "error" raises ImageLoadError naming the file; "skip" leaves the view
+    out (the study keeps its readable views) and lists it in the item's `bad_images`
+    ("path: reason"); `collate_studies` then drops a study left with no view at all.
     """
 
     def __init__(self, df: pd.DataFrame, root: str | os.PathLike, image_size: int = 128, max_images: int = 2,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None, mean: float = 0.5,
-                 std: float = 0.5, report_column: str = "report"):
+                 std: float = 0.5, report_column: str = "report", on_bad_image: str = "error"):
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', not {on_bad_image!r}")
+        self.on_bad_image = on_bad_image
         if max_images < 1:
             raise ValueError("max_images must be >= 1")
         missing = [c for c in ("study_id", "image_paths", report_column) if c not in df.columns]
@@ -61,33 +68,61 @@ class StudyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.study_ids)
 
-    def load_images(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_images(self, i: int, bad: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(max_images, 1, S, S) views and their mask; with on_bad_image="skip", unreadable views are
+        appended to `bad` and left out (readable ones move up)."""
         s = self.image_size
         image = np.zeros((self.max_images, 1, s, s), dtype=np.float32)
         mask = np.zeros(self.max_images, dtype=bool)
         scale, shift = np.float32(1.0 / self.std), np.float32(self.mean / self.std)
-        for k, path in enumerate(self.image_paths[i]):
-            x = load_image(path, s)
+        k = 0
+        for path in self.image_paths[i]:
+            try:
+                x = load_image(path, s)
+            except ImageLoadError as e:
+                if self.on_bad_image == "error" or bad is None:
+                    raise
+                bad.append(f"{e.path}: {e.reason}")
+                continue
             if self.transform is not None:
                 x = np.asarray(self.transform(torch.from_numpy(x).unsqueeze(0)), dtype=np.float32)[0]
             np.multiply(x, scale, out=image[k, 0])
             image[k, 0] -= shift
             mask[k] = True
+            k += 1
         return torch.from_numpy(image), torch.from_numpy(mask)
 
     def __getitem__(self, i: int) -> dict:
-        image, mask = self.load_images(i)
-        return {"image": image, "image_mask": mask, "report": self.reports[i],
+        bad: list[str] = []
+        image, mask = self.load_images(i, bad)
+        item = {"image": image, "image_mask": mask, "report": self.reports[i],
                 "labels": torch.from_numpy(self.labels[i].copy()), "study_id": self.study_ids[i]}
+        if bad:
+            item["bad_images"] = bad
+        return item
 
 
 def collate_studies(batch: list[dict]) -> dict:
-    """Stack tensors (image (B, M, 1, S, S), image_mask (B, M), labels (B, 14)); keep strings as lists."""
-    return {"image": torch.stack([b["image"] for b in batch]),
-            "image_mask": torch.stack([b["image_mask"] for b in batch]),
-            "labels": torch.stack([b["labels"] for b in batch]),
-            "report": [b["report"] for b in batch],
-            "study_id": [b["study_id"] for b in batch]}
+    """Stack tensors (image (B, M, 1, S, S), image_mask (B, M), labels (B, 14)); keep strings as lists.
+
+    Unreadable views skipped by the dataset are listed in `bad_images`; a study left with no
+    readable view is dropped from the batch (and its id listed in `dropped_studies`).
+    """
+    bad = [x for b in batch for x in b.get("bad_images", ())]
+    dropped = [b["study_id"] for b in batch if "bad_images" in b and not bool(b["image_mask"].any())]
+    if dropped:
+        batch = [b for b in batch if not ("bad_images" in b and not bool(b["image_mask"].any()))]
+        if not batch:
+            raise ImageLoadError(bad[0].split(": ")[0], "no study of this batch has a readable image: "
+                                 + "; ".join(bad[:3]))
+    out = {"image": torch.stack([b["image"] for b in batch]),
+           "image_mask": torch.stack([b["image_mask"] for b in batch]),
+           "labels": torch.stack([b["labels"] for b in batch]),
+           "report": [b["report"] for b in batch],
+           "study_id": [b["study_id"] for b in batch]}
+    if bad:
+        out["bad_images"], out["dropped_studies"] = bad, dropped
+    return out
 
 
 def _worker_init(worker_id: int) -> None:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # DataLoader workers fork after a tokenizer has run; its thread pool cannot survive that (results stay equal).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-__all__ = ["PAPER_PROMPT", "IMAGE_TOKENS", "IMAGE_PLACEHOLDER", "ReportLMConfig", "train_bpe_tokenizer",
+__all__ = ["PAPER_PROMPT", "IMAGE_TOKENS", "IMAGE_PLACEHOLDER", "ReportLMConfig", "LM_ARCHS", "train_bpe_tokenizer",
            "build_report_lm", "load_report_lm", "lm_batch", "median_report_tokens", "VisualPrefixLM"]
 
 PAPER_PROMPT = ("Human: <Img><ImageHere></Img> Generate a comprehensive and detailed diagnosis report "
@@ -134,9 +134,13 @@ def median_report_tokens(tokenizer: PreTrainedTokenizerBase, reports: Iterable[s
 
 # ----------------------------------------------------------------------------- the language model
 
+# Decoder-only architectures a fresh report LM can have (the language-model swap of the benchmark).
+LM_ARCHS = ("llama", "qwen2", "mistral", "gpt2", "phi")
+
+
 @dataclass
 class ReportLMConfig:
-    """A fresh tiny Llama-architecture LM, or `pretrained`: a local AutoModelForCausalLM folder."""
+    """A fresh tiny causal LM (`arch`: Llama by default), or `pretrained`: a local AutoModelForCausalLM folder."""
     hidden_size: int = 192
     num_layers: int = 4
     num_heads: int = 6
@@ -150,8 +154,11 @@ class ReportLMConfig:
     dtype: str = "auto"                      # pretrained only: "auto" keeps the checkpoint's dtype
     lora_rank: int = 0                       # > 0: LoRA adapters (q_proj, v_proj) through peft
     lora_alpha: float | None = None          # None: 2 * lora_rank
+    arch: str = "llama"                      # fresh LM only: one of LM_ARCHS
 
     def __post_init__(self):
+        if self.arch not in LM_ARCHS:
+            raise ValueError(f"arch must be one of {LM_ARCHS}, not {self.arch!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
@@ -160,22 +167,41 @@ class ReportLMConfig:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["arch"] == "llama":   # the field came later: a Llama config keeps the dict (and run hashes) it had
+            del d["arch"]
+        return d
 
 
-def build_report_lm(config: ReportLMConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
-    """A freshly initialised Llama-architecture LM sized by `config`, vocab and ids from `tokenizer`."""
+def _arch_config(config: ReportLMConfig, vocab: int, bos: int | None, eos: int, pad: int):
+    """The transformers config of a fresh LM of `config.arch`, the same width, depth, heads and MLP size."""
+    import transformers as tf
+
+    ids = dict(vocab_size=vocab, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+               tie_word_embeddings=config.tie_word_embeddings)
+    if config.arch == "gpt2":
+        return tf.GPT2Config(n_embd=config.hidden_size, n_layer=config.num_layers, n_head=config.num_heads,
+                             n_inner=config.intermediate_size, n_positions=config.max_position, **ids)
+    common = dict(hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+                  num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size,
+                  max_position_embeddings=config.max_position, rope_theta=config.rope_theta, **ids)
+    kv = config.num_kv_heads or config.num_heads
+    if config.arch == "phi":
+        return tf.PhiConfig(num_key_value_heads=kv, **common)
+    cls = {"llama": LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[config.arch]
+    return cls(num_key_value_heads=kv, **common)
+
+
+def build_report_lm(config: ReportLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A freshly initialised causal LM of `config.arch` sized by `config`, vocab and ids from `tokenizer`."""
     if config.pretrained:
         raise ValueError("build_report_lm builds a fresh LM; use load_report_lm for a pretrained one")
-    llama = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads or config.num_heads,
-        intermediate_size=config.intermediate_size, max_position_embeddings=config.max_position,
-        rope_theta=config.rope_theta, tie_word_embeddings=config.tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=_eos_id(tokenizer), pad_token_id=_pad_id(tokenizer))
+    arch = _arch_config(config, len(tokenizer), tokenizer.bos_token_id, _eos_id(tokenizer), _pad_id(tokenizer))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return LlamaForCausalLM(llama)
+        if config.arch == "llama":
+            return LlamaForCausalLM(arch)
+        return AutoModelForCausalLM.from_config(arch)
 
 
 def load_report_lm(config: ReportLMConfig, tokenizer: PreTrainedTokenizerBase | None = None

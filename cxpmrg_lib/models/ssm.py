@@ -40,11 +40,14 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, channels, length); got shape {tuple(u.shape)}")
     batch, channels, length = u.shape
-    if A.dim() != 2 or A.shape[0] != channels:
-        raise ValueError(f"A must be (channels={channels}, state); got shape {tuple(A.shape)}")
-    state = A.shape[1]
+    per_seq = A.dim() == 3
+    if A.shape[-2:-1] != (channels,) or A.dim() not in (2, 3) or (per_seq and A.shape[0] != batch):
+        raise ValueError(f"A must be (channels={channels}, state) or (batch={batch}, channels, state); "
+                         f"got shape {tuple(A.shape)}")
+    state = A.shape[-1]
+    vec = (batch, channels) if per_seq else (channels,)
     expected = {"delta": (u.shape, delta), "B": ((batch, state, length), B), "C": ((batch, state, length), C),
-                "D": ((channels,), D), "z": (u.shape, z), "delta_bias": ((channels,), delta_bias)}
+                "D": (vec, D), "z": (u.shape, z), "delta_bias": (vec, delta_bias)}
     for name, (shape, t) in expected.items():
         if t is not None and tuple(t.shape) != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)} to match u {tuple(u.shape)} and "
@@ -66,19 +69,20 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
     if delta_bias is not None:
-        delta = delta + delta_bias.to(compute)[:, None]
+        delta = delta + delta_bias.to(compute)[..., None]
     if delta_softplus:
         delta = F.softplus(delta)
-    dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    A = A.expand(u.shape[0], -1, -1)
+    dA = torch.exp(torch.einsum("bdl,bdn->bdln", delta, A))
     dBu = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[-1])
     ys = []
     for t in range(u.shape[2]):
         h = dA[:, :, t] * h + dBu[:, :, t]
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
     y = torch.stack(ys, dim=2)
     if D is not None:
-        y = y + D.to(compute)[:, None] * u
+        y = y + D.to(compute)[..., None] * u
     if z is not None:
         y = y * F.silu(z.to(compute))
     return y.to(dtype)
@@ -108,7 +112,7 @@ def _scan_forward(dt, dtu, A_nd, Bt, Ct, chunk: int, keep: bool):
     cheap to recompute from the chunk checkpoints, so they are not kept.
     """
     length, batch, channels = dt.shape
-    state = A_nd.shape[0]
+    state = A_nd.shape[-2]
     bounds = list(_chunks(length, chunk))
     dA = dt.new_empty(length if keep else chunk, batch, state, channels)
     hs = dt.new_empty(chunk, batch, state, channels)
@@ -142,7 +146,7 @@ def _scan_backward(dy, dt, dtu, A_nd, Bt, Ct, dA, starts, chunk: int, need):
     """
     need_dt, need_A, need_B, need_C = need
     length, batch, channels = dt.shape
-    state = A_nd.shape[0]
+    state = A_nd.shape[-2]
     hs = dt.new_empty(chunk, batch, state, channels)
     g = dt.new_empty(chunk, batch, state, channels)
     x = dt.new_empty(chunk, batch, state, channels)
@@ -193,7 +197,10 @@ def _scan_backward(dy, dt, dtu, A_nd, Bt, Ct, dA, starts, chunk: int, need):
             torch.sum(g_c, dim=2, out=d_dt[t0:t1])
         if need_A:
             x_c.mul_(dt[t0:t1, :, None, :])
-            dA_param += x_c.view(k, state * channels).sum(0).view(state, channels)
+            if A_nd.dim() == 3:          # one A per sequence: reduce over time only
+                dA_param += x_c.sum(0)
+            else:
+                dA_param += x_c.view(k, state * channels).sum(0).view(state, channels)
     return d_dtu, d_dt, dA_param, dB, dC
 
 
@@ -217,7 +224,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         dtu = dt * ut
         Bt = B.permute(2, 0, 1).contiguous()
         Ct = C.permute(2, 0, 1).contiguous()
-        A_nd = A.t().contiguous()
+        A_nd = A.transpose(-1, -2).contiguous()         # (n, d), or (b, n, d) with one A per sequence
         y, dA, starts = _scan_forward(dt, dtu, A_nd, Bt, Ct, chunk, keep)
         if D is not None:
             y.addcmul_(ut, D)
@@ -262,15 +269,16 @@ class _SelectiveScanFn(torch.autograd.Function):
             if D is not None:
                 du.addcmul_(dyt, D)
             du = du.permute(1, 2, 0)
+        per_seq = A_nd.dim() == 3                       # A, D and the bias given per sequence
         if n_D:
-            dD = (dyt * ut).sum((0, 1))
+            dD = (dyt * ut).sum(0 if per_seq else (0, 1))
         if need_dt:
             d_dt.addcmul_(d_dtu, ut)
             if xt is not None:
                 d_dt = torch.ops.aten.softplus_backward(d_dt, xt, 1.0, 20.0)
             d_delta = d_dt.permute(1, 2, 0) if n_delta else None
-            d_bias = d_dt.sum((0, 1)) if n_bias and ctx.has_bias else None
-        return (du, d_delta, dA_nd.t() if n_A else None, dBt.permute(1, 2, 0) if n_B else None,
+            d_bias = d_dt.sum(0 if per_seq else (0, 1)) if n_bias and ctx.has_bias else None
+        return (du, d_delta, dA_nd.transpose(-1, -2) if n_A else None, dBt.permute(1, 2, 0) if n_B else None,
                 dCt.permute(1, 2, 0) if n_C else None, dD, dz, d_bias, None, None, None)
 
 
@@ -279,7 +287,7 @@ def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     dtype = u.dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    per_step = u.shape[0] * u.shape[1] * A.shape[1]
+    per_step = u.shape[0] * u.shape[1] * A.shape[-1]
     chunk = max(1, min(u.shape[2], CHUNK_ELEMENTS // max(per_step, 1)))
     with torch.autocast(u.device.type, enabled=False):
         args = [t if t is None else t.to(compute) for t in (u, delta, A, B, C, D, z, delta_bias)]
@@ -295,6 +303,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     u, delta, z: (batch, channels, length); A: (channels, state); B, C: (batch, state, length);
     D, delta_bias: (channels,). Returns (batch, channels, length) in u's dtype.
+    An extension of mamba_ssm's signature: A (batch, channels, state) with D and delta_bias
+    (batch, channels) give each sequence its own parameters (several scan directions in one
+    call; pure-PyTorch paths only).
     impl: "auto" uses mamba-ssm's CUDA kernel for CUDA tensors when it imports, else the fast
     PyTorch path; "fast" and "reference" force a path (tests, benchmarks).
     """
@@ -302,7 +313,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
     if impl == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if impl == "auto" and u.is_cuda:
+    if impl == "auto" and u.is_cuda and A.dim() == 2:
         try:
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         except ImportError as e:

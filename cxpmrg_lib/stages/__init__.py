@@ -7,7 +7,7 @@ Later stages call earlier ones, so any stage runs alone on a fresh checkout.
 """
 from cxpmrg_lib.stages.autoregressive import (AutoregressiveConfig, autoregressive_examples, load_autoregressive,
                                               pretrain_autoregressive)
-from cxpmrg_lib.stages.common import config_hash, read_summary, resolve_device, run_dir_for
+from cxpmrg_lib.stages.common import RunError, config_hash, read_summary, require_run, resolve_device, run_dir_for
 from cxpmrg_lib.stages.contrastive import (ContrastiveConfig, contrastive_embeddings, contrastive_retrieval,
                                            four_way_encoder, load_contrastive, pretrain_contrastive)
 from cxpmrg_lib.stages.report import (FinetuneConfig, ReportLMStageConfig, finetune_report, load_report_model,
@@ -15,6 +15,6 @@ from cxpmrg_lib.stages.report import (FinetuneConfig, ReportLMStageConfig, finet
 
 __all__ = ["FinetuneConfig", "ReportLMStageConfig", "finetune_report", "load_report_model", "pretrain_report_lm",
            "report_examples", "AutoregressiveConfig", "autoregressive_examples", "load_autoregressive", "pretrain_autoregressive",
-           "config_hash", "read_summary", "resolve_device", "run_dir_for", "ContrastiveConfig",
+           "RunError", "require_run", "config_hash", "read_summary", "resolve_device", "run_dir_for", "ContrastiveConfig",
            "contrastive_embeddings", "contrastive_retrieval", "four_way_encoder", "load_contrastive",
            "pretrain_contrastive"]

@@ -12,7 +12,7 @@ import torch
 from cxpmrg_lib.fileio import write_json
 from cxpmrg_lib.presets import get_preset
 from cxpmrg_lib.stage_data import load_split
-from cxpmrg_lib.stages.common import StageConfig, read_summary, resolve_device, start_run
+from cxpmrg_lib.stages.common import StageConfig, read_summary, require_run, resolve_device, start_run
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,14 @@ def pretrain_autoregressive(config: AutoregressiveConfig) -> Path:
     torch.manual_seed(config.seed)
     model = ARMPretrainer(preset.arm)
     dataset, _ = load_split(config.dataset_root, preset.encoder.image_size, "train", config.dataset_kind,
-                            config.max_images, config.loader)
+                            config.max_images, config.loader, on_bad_image=config.on_bad_image)
     train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=resolve_device(config.device),
                                **settings)
     result = train(model, dataset, _arm_loss, train_config, run_dir, model_config=preset.arm.to_dict(),
                    desc="stage 1 (autoregressive)")
     write_json(run_dir / "summary.json", {"stage": "autoregressive", "config_hash": run_dir.name, "steps": result.steps,
                               "final_loss": result.final_loss, "train_images": len(dataset),
+                              "skipped_images": len(getattr(dataset, "bad_images", [])),
                               "preset": config.preset, "dataset": payload["dataset"]})
     return run_dir
 
@@ -69,11 +70,9 @@ def load_autoregressive(run_dir: str | os.PathLike, map_location: str = "cpu"):
     from cxpmrg_lib.models.arm import ARMConfig, ARMPretrainer
     from cxpmrg_lib.trainer import load_weights
 
-    run_dir = Path(run_dir)
+    run_dir = require_run(run_dir, "autoregressive")
     weights = run_dir / "model"
     cfg_path = weights / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir} holds no finished stage-1 model ({cfg_path} missing)")
     model = ARMPretrainer(ARMConfig(**json.loads(cfg_path.read_text())))
     return load_weights(model, weights).to(map_location).eval()
 

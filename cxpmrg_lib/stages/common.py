@@ -11,13 +11,15 @@ from pathlib import Path
 import torch
 import yaml
 
+from cxpmrg_lib.errors import RunError
 from cxpmrg_lib.fileio import write_text
 from cxpmrg_lib.presets import get_preset
 from cxpmrg_lib.stage_data import DEFAULT_LOADER
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StageConfig", "config_hash", "run_dir_for", "resolve_device", "read_summary", "start_run"]
+__all__ = ["StageConfig", "config_hash", "run_dir_for", "resolve_device", "read_summary", "start_run", "RunError",
+           "require_run"]
 
 
 @dataclass
@@ -35,8 +37,13 @@ class StageConfig:
     seed: int = 0
     loader: dict = field(default_factory=lambda: dict(DEFAULT_LOADER))  # load_study_table options
     device: str = "auto"                 # not part of the hash: the result does not depend on it beyond float noise
+    on_bad_image: str = "skip"           # "skip": drop unreadable views and count them; "error": stop at the first
 
     preset_defaults = "stage1"           # class attribute, not a field
+
+    def __post_init__(self):
+        if self.on_bad_image not in ("skip", "error"):
+            raise ValueError(f"on_bad_image must be 'skip' or 'error', not {self.on_bad_image!r}")
 
     def train_settings(self) -> dict:
         """The preset's TrainConfig defaults with this config's non-None overrides."""
@@ -51,12 +58,17 @@ class StageConfig:
     def shared(self) -> dict:
         """The fields an earlier stage's config takes from this one (same data, preset, seed, folders)."""
         return {k: getattr(self, k) for k in ("dataset_root", "dataset_kind", "preset", "run_root", "seed",
-                                              "loader", "device")}
+                                              "loader", "device", "on_bad_image")}
 
     def payload(self, stage: str) -> dict:
         """The start of the hashed description of a run: which stage on which data."""
+        from cxpmrg_lib.data import detect_kind
+        from cxpmrg_lib.data.check import loader_options
+
+        # Options the tree's loader ignores (section= for an R2Gen tree) do not change the run.
+        kind = detect_kind(self.dataset_root) if self.dataset_kind == "auto" else self.dataset_kind
         return {"stage": stage, "dataset": str(Path(self.dataset_root).resolve()),
-                "dataset_kind": self.dataset_kind, "loader": self.loader}
+                "dataset_kind": self.dataset_kind, "loader": loader_options(kind, self.loader)}
 
 
 def config_hash(payload: dict) -> str:
@@ -95,3 +107,29 @@ def resolve_device(device: str) -> str:
 
 def read_summary(run_dir: str | os.PathLike) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+STAGE_NAMES = {"autoregressive": "stage-1 (autoregressive)", "contrastive": "stage-2 (contrastive)",
+               "report_lm": "report-LM", "finetune": "stage-3 (report generation)"}
+
+
+def require_run(run_dir: str | os.PathLike, stage: str, preset: str | None = None) -> Path:
+    """Check that `run_dir` is a finished run of `stage` (and of `preset` when given); RunError naming it if not."""
+    run_dir = Path(run_dir)
+    want = STAGE_NAMES.get(stage, stage)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run directory (expected a finished {want} run)")
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise RunError(f"{run_dir} is not a run directory of this study (no config.yaml); expected a {want} run")
+    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    got = (cfg.get("resolved") or {}).get("stage")
+    if got != stage:
+        raise RunError(f"{run_dir} is a {STAGE_NAMES.get(got, got)} run, not a {want} run")
+    got_preset = (cfg.get("config") or {}).get("preset")
+    if preset is not None and got_preset != preset:
+        raise RunError(f"{run_dir} was trained with preset {got_preset!r}, not {preset!r}: its weights do not fit")
+    if not (run_dir / "summary.json").exists():
+        raise RunError(f"{run_dir} is an unfinished {want} run (no summary.json): run the stage again with the "
+                       "same settings to resume it from its last checkpoint")
+    return run_dir

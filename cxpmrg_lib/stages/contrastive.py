@@ -14,7 +14,7 @@ from cxpmrg_lib.data.dataset import collate_studies
 from cxpmrg_lib.fileio import write_json
 from cxpmrg_lib.presets import get_preset
 from cxpmrg_lib.stages.autoregressive import AutoregressiveConfig, load_autoregressive, pretrain_autoregressive
-from cxpmrg_lib.stages.common import StageConfig, resolve_device, start_run
+from cxpmrg_lib.stages.common import StageConfig, require_run, resolve_device, start_run
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class ContrastiveConfig(StageConfig):
     preset_defaults = "stage2"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.init not in ("stage1", "random"):
             raise ValueError(f"init must be 'stage1' or 'random', not {self.init!r}")
 
@@ -57,7 +58,7 @@ def four_way_encoder(preset_name: str, stage1_dir: Path | None):
     cfg = EncoderConfig(**{**get_preset(preset_name).encoder.to_dict(), "scan": "4-way"})
     encoder = VisionMamba(cfg)
     if stage1_dir is not None:
-        arm = load_autoregressive(stage1_dir)
+        arm = load_autoregressive(require_run(stage1_dir, "autoregressive", preset_name))
         encoder.load_state_dict(expand_to_four_way(arm.encoder.state_dict()), strict=True)
     return encoder
 
@@ -86,7 +87,7 @@ def pretrain_contrastive(config: ContrastiveConfig) -> Path:
         return run_dir
     size = preset.encoder.image_size
     studies, table = load_studies(config.dataset_root, size, "train", config.dataset_kind, config.max_studies,
-                                  config.loader, config.max_images)
+                                  config.loader, config.max_images, on_bad_image=config.on_bad_image)
     torch.manual_seed(config.seed)
     tok_dir = run_dir / "tokenizer"
     if text_cfg.pretrained:
@@ -122,6 +123,7 @@ def pretrain_contrastive(config: ContrastiveConfig) -> Path:
                                           "stage1_run": str(stage1_dir) if stage1_dir else None,
                                           "steps": result.steps, "final_loss": result.final_loss,
                                           "train_studies": len(studies), "retrieval": retrieval,
+                                          "skipped_images": len(getattr(studies, "bad_images", [])),
                                           "preset": config.preset, "dataset": payload["dataset"]})
     return run_dir
 
@@ -167,10 +169,8 @@ def load_contrastive(run_dir: str | os.PathLike):
     from cxpmrg_lib.models.vision_mamba import EncoderConfig, VisionMamba
     from cxpmrg_lib.trainer import load_weights
 
-    run_dir = Path(run_dir)
+    run_dir = require_run(run_dir, "contrastive")
     cfg_path = run_dir / "model" / "config.json"
-    if not (run_dir / "summary.json").exists() or not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a finished stage-2 run (no summary.json / model/config.json)")
     cfg = json.loads(cfg_path.read_text())
     encoder = VisionMamba(EncoderConfig(**{**cfg["encoder"], "scan": "4-way"}))
     model = ContrastiveModel(encoder, TextEncoder.from_pretrained(run_dir / "text_encoder"), cfg["proj_dim"])

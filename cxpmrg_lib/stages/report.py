@@ -26,21 +26,25 @@ from cxpmrg_lib.data.dataset import collate_studies
 from cxpmrg_lib.fileio import atomic_path, write_json
 from cxpmrg_lib.presets import get_preset
 from cxpmrg_lib.stage_data import load_studies, split_table
-from cxpmrg_lib.stages.common import StageConfig, read_summary, resolve_device, start_run
+from cxpmrg_lib.stages.common import RunError, StageConfig, read_summary, require_run, resolve_device, start_run
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ReportLMStageConfig", "pretrain_report_lm", "FinetuneConfig", "finetune_report", "load_report_model",
-           "report_examples", "generate_reports"]
+           "report_examples", "generate_reports", "compare_runs", "validation_fn", "INITS"]
 
-INITS = ("stage2", "stage1", "random")
+# stage2: stages 1 + 2 (the full model); stage1: stage 1 only; random: neither;
+# stage2_random: stage 2 from a random encoder (no stage 1).
+INITS = ("stage2", "stage1", "random", "stage2_random")
 
 
 @dataclass
 class ReportLMStageConfig(StageConfig):
-    """The report LM stage (see StageConfig for the shared fields)."""
+    """The report LM stage (see StageConfig for the shared fields). `arch`: the preset's LM size in
+    another decoder architecture (the benchmark's language-model swap); "llama" is the paper's."""
     max_studies: int | None = None
     checkpoint_every: int = 200
+    arch: str = "llama"
 
     preset_defaults = "lm_stage"
 
@@ -61,10 +65,13 @@ def pretrain_report_lm(config: ReportLMStageConfig) -> Path:
     from cxpmrg_lib.models.report_lm import VisualPrefixLM, build_report_lm, train_bpe_tokenizer
     from cxpmrg_lib.trainer import TrainConfig, train
 
+    from dataclasses import replace
+
     preset = get_preset(config.preset)
+    lm_config = replace(preset.report_lm, arch=config.arch)
     settings = config.train_settings()
     payload = {**config.payload("report_lm"), "max_studies": config.max_studies,
-               "lm": preset.report_lm.to_dict(), "train": settings}
+               "lm": lm_config.to_dict(), "train": settings}
     run_dir, finished = start_run(config, "report_lm", payload, "report LM")
     if finished:
         return run_dir
@@ -77,7 +84,7 @@ def pretrain_report_lm(config: ReportLMStageConfig) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     else:
         tokenizer = train_bpe_tokenizer(reports, tok_dir)
-    lm = build_report_lm(preset.report_lm, tokenizer)
+    lm = build_report_lm(lm_config, tokenizer)
     # Trained through the stage-3 wrapper with zero visual tokens: the LM learns reports after the prompt.
     wrapper = VisualPrefixLM(lm, tokenizer, visual_dim=1, freeze_lm=False)
 
@@ -87,20 +94,22 @@ def pretrain_report_lm(config: ReportLMStageConfig) -> Path:
     train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=resolve_device(config.device),
                                **settings)
     result = train(wrapper, _Reports(reports), loss_fn, train_config, run_dir, collate_fn=list,
-                   batch_size_of=len, desc="report LM")
+                   batch_size_of=len, desc=f"report LM ({config.arch})")
     lm_dir = run_dir / "lm"
     lm.cpu().save_pretrained(lm_dir)
     tokenizer.save_pretrained(lm_dir)
     write_json(run_dir / "summary.json", {"stage": "report_lm", "config_hash": run_dir.name, "steps": result.steps,
                                           "final_loss": result.final_loss, "train_reports": len(reports),
-                                          "lm_dir": str(lm_dir), "parameters_m": sum(p.numel() for p in lm.parameters()) / 1e6})
+                                          "lm_dir": str(lm_dir), "arch": config.arch,
+                                          "parameters_m": sum(p.numel() for p in lm.parameters()) / 1e6})
     return run_dir
 
 
 @dataclass
 class FinetuneConfig(StageConfig):
     """Stage 3. `init`: the encoder starts from stage 2 ("stage2", the full model), from stage 1
-    ("stage1") or at random ("random"): the paper's ablation rows."""
+    ("stage1"), at random ("random"), or from a stage 2 that started at random ("stage2_random"):
+    the paper's ablation rows."""
     init: str = "stage2"
     freeze_encoder: bool = False
     lm_pretrained: str | None = None     # a local causal-LM folder (Llama-2, Qwen, ...); None: the preset's LM stage
@@ -117,6 +126,7 @@ class FinetuneConfig(StageConfig):
     preset_defaults = "stage3"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, not {self.init!r}")
 
@@ -131,8 +141,8 @@ def _encoder_for(config: FinetuneConfig):
     if config.init == "stage1":
         run = pretrain_autoregressive(AutoregressiveConfig(**common, epochs=config.earlier_epochs))
         return four_way_encoder(config.preset, run), run
-    run = pretrain_contrastive(ContrastiveConfig(**common, init="stage1", epochs=config.earlier_epochs,
-                                                 stage1_epochs=config.earlier_epochs))
+    run = pretrain_contrastive(ContrastiveConfig(**common, init="random" if config.init == "stage2_random" else "stage1",
+                                                 epochs=config.earlier_epochs, stage1_epochs=config.earlier_epochs))
     return load_contrastive(run).image_encoder, run
 
 
@@ -150,7 +160,6 @@ def _decoding(config: FinetuneConfig) -> dict:
 
 def finetune_report(config: FinetuneConfig) -> Path:
     """Stage 3; returns the run directory (generator.json, model/, best/, predictions_test.csv, summary.json)."""
-    from cxpmrg_lib.metrics import score_reports
     from cxpmrg_lib.models.report_generator import ReportModel
     from cxpmrg_lib.models.report_lm import ReportLMConfig, VisualPrefixLM, load_report_lm, median_report_tokens
     from cxpmrg_lib.trainer import TrainConfig, load_weights, train
@@ -164,15 +173,21 @@ def finetune_report(config: FinetuneConfig) -> Path:
                "max_images": config.max_images, "val_studies": config.val_studies, "train": settings}
     run_dir, finished = start_run(config, "finetune", payload, "stage 3")
     if finished:
+        if read_summary(run_dir).get("test_config") != _test_config(config):
+            # Same training, other test settings (test_studies, decoding): only the test predictions are redone.
+            summary = read_summary(run_dir)
+            summary.update(_test_predictions(load_report_model(run_dir), config, run_dir))
+            write_json(run_dir / "summary.json", summary)
         return run_dir
     size = encoder.config.image_size
     studies, table = load_studies(config.dataset_root, size, "train", config.dataset_kind, config.max_studies,
-                                  config.loader, config.max_images)
-    val, val_table = load_studies(config.dataset_root, size, "val", config.dataset_kind, config.val_studies,
-                                  config.loader, config.max_images)
+                                  config.loader, config.max_images, on_bad_image=config.on_bad_image)
+    val, _ = load_studies(config.dataset_root, size, "val", config.dataset_kind, config.val_studies,
+                                  config.loader, config.max_images, on_bad_image=config.on_bad_image)
     lm, tokenizer = load_report_lm(ReportLMConfig(pretrained=str(lm_dir)))
     typical = median_report_tokens(tokenizer, [str(r) for r in table["report"]])
     head = VisualPrefixLM(lm, tokenizer, encoder.config.dim, typical_report_tokens=typical)
+    truncated = _count_truncated(head, [str(r) for r in table["report"]])
     model = ReportModel(encoder, head, freeze_encoder=config.freeze_encoder)
     generator_cfg = {"encoder": encoder.config.to_dict(), "lm_dir": str(Path(lm_dir).resolve()),
                      "typical_report_tokens": typical, "freeze_encoder": config.freeze_encoder,
@@ -182,12 +197,7 @@ def finetune_report(config: FinetuneConfig) -> Path:
     def loss_fn(m, batch):
         return m(batch["image"], batch["image_mask"], batch["report"])["loss"]
 
-    def eval_fn(m):
-        preds = generate_reports(m, val, batch_size=16, num_beams=1,
-                                 repetition_penalty=config.repetition_penalty,
-                                 no_repeat_ngram_size=config.no_repeat_ngram_size)
-        s = score_reports(list(val_table["report"]), preds, meteor=False)
-        return {"bleu4": s["bleu4"], "ce_f1": s["ce_f1"], "select": s["bleu4"] + s["ce_f1"]}
+    eval_fn = validation_fn(val, _decoding(config))
 
     steps_per_epoch = max(1, len(studies) // settings["batch_size"])
     train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=resolve_device(config.device),
@@ -201,10 +211,41 @@ def finetune_report(config: FinetuneConfig) -> Path:
         load_weights(model, best)
     summary = {"stage": "finetune", "config_hash": run_dir.name, "init": config.init, "steps": result.steps,
                "final_loss": result.final_loss, "best": result.best, "train_studies": len(studies),
-               "typical_report_tokens": typical}
+               "typical_report_tokens": typical, "truncated_reports": truncated,
+               "skipped_images": len(getattr(studies, "bad_images", [])) + len(getattr(val, "bad_images", []))}
     summary.update(_test_predictions(model, config, run_dir))
     write_json(run_dir / "summary.json", summary)
     return run_dir
+
+
+def validation_fn(val, decoding: dict):
+    """The checkpoint selection every trained report generator shares: greedy reports for the
+    validation studies (the other decoding settings as for the test), scored without METEOR;
+    `select` = BLEU-4 + CE-F1."""
+    from cxpmrg_lib.metrics import score_reports
+
+    def eval_fn(model):
+        preds = generate_reports(model, val, batch_size=16, **{**decoding, "num_beams": 1})
+        s = score_reports(list(val.reports), preds, meteor=False)
+        return {"bleu4": s["bleu4"], "ce_f1": s["ce_f1"], "select": s["bleu4"] + s["ce_f1"]}
+
+    return eval_fn
+
+
+def _count_truncated(head, reports: list[str]) -> int:
+    """How many training reports are longer than the LM supervises (they are cut at max_report_tokens)."""
+    from cxpmrg_lib.models.report_lm import _encode
+
+    long = [len(_encode(head.tokenizer, r)) for r in reports]
+    n = sum(t > head.max_report_tokens for t in long)
+    if n:
+        log.warning("%d of %d training reports are longer than %d tokens (longest %d): they are truncated, and "
+                    "generation never writes past that length", n, len(reports), head.max_report_tokens, max(long))
+    return n
+
+
+def _test_config(config: FinetuneConfig) -> dict:
+    return {"test_studies": config.test_studies, **_decoding(config)}
 
 
 def _test_predictions(model, config: FinetuneConfig, run_dir: Path) -> dict:
@@ -215,7 +256,7 @@ def _test_predictions(model, config: FinetuneConfig, run_dir: Path) -> dict:
 
     size = model.encoder.config.image_size
     test, table = load_studies(config.dataset_root, size, "test", config.dataset_kind, config.test_studies,
-                               config.loader, config.max_images)
+                               config.loader, config.max_images, on_bad_image=config.on_bad_image)
     t0 = time.perf_counter()
     preds = generate_reports(model, test, batch_size=16, **_decoding(config))
     seconds = time.perf_counter() - t0
@@ -225,7 +266,7 @@ def _test_predictions(model, config: FinetuneConfig, run_dir: Path) -> dict:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     evaluation = evaluate_file(path, n_boot=1000, seed=config.seed)
-    return {"test_studies": len(frame), "generation_s": seconds, "reports_per_s": len(frame) / max(seconds, 1e-9),
+    return {"test_config": _test_config(config), "test_studies": len(frame), "generation_s": seconds, "reports_per_s": len(frame) / max(seconds, 1e-9),
             "test_metrics": evaluation["metrics"], "test_ci": evaluation.get("ci")}
 
 
@@ -234,7 +275,7 @@ def generate_reports(model, studies, batch_size: int = 16, **decoding) -> list[s
     """Reports for every study of a dataset (items as StudyTensorDataset's), in order."""
     from tqdm.auto import tqdm
 
-    device = next(model.head.proj.parameters()).device
+    device = next(p for p in model.parameters()).device
     out: list[str] = []
     for start in tqdm(range(0, len(studies), batch_size), desc="generate", unit="batch", leave=False):
         batch = collate_studies([studies[i] for i in range(start, min(start + batch_size, len(studies)))])
@@ -249,11 +290,11 @@ def load_report_model(run_dir: str | os.PathLike):
     from cxpmrg_lib.models.vision_mamba import EncoderConfig, VisionMamba
     from cxpmrg_lib.trainer import load_weights
 
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "generator.json"
-    if not cfg_path.exists() or not (run_dir / "model").exists():
-        raise FileNotFoundError(f"{run_dir} is not a finished stage-3 run (generator.json or model/ missing)")
-    cfg = json.loads(cfg_path.read_text())
+    run_dir = require_run(run_dir, "finetune")
+    cfg = json.loads((run_dir / "generator.json").read_text())
+    if not Path(cfg["lm_dir"], "config.json").exists():
+        raise RunError(f"{run_dir} needs its language model at {cfg['lm_dir']}, which is not there (moved or "
+                       "deleted?): restore it, or retrain stage 3")
     lm, tokenizer = load_report_lm(ReportLMConfig(pretrained=cfg["lm_dir"]))
     encoder = VisionMamba(EncoderConfig(**cfg["encoder"]))
     head = VisualPrefixLM(lm, tokenizer, encoder.config.dim, typical_report_tokens=cfg["typical_report_tokens"])
@@ -286,3 +327,26 @@ def report_examples(run_dir: str | os.PathLike, dataset_root, kind: str = "auto"
     pick["reference findings"] = positives(pick["reference"])
     pick["generated findings"] = positives(pick["prediction"])
     return pick[["study_id", "image_path", "reference", "prediction", "reference findings", "generated findings"]]
+
+
+def compare_runs(runs: dict, reference: str, keys=("bleu4", "ce_f1"), n_boot: int = 1000, seed: int = 0
+                 ) -> pd.DataFrame:
+    """Paired bootstrap test of the `reference` run's test predictions against each other run's, on
+    the same test studies: per run and metric the difference (reference - other) with its 95% CI and
+    the two-sided p-value. `runs` maps names to finished stage-3 run directories."""
+    from cxpmrg_lib.evaluate import evaluate_file
+
+    ref = Path(runs[reference]) / "predictions_test.csv"
+    rows = []
+    for name, run in runs.items():
+        if name == reference:
+            continue
+        result = evaluate_file(ref, against=Path(run) / "predictions_test.csv", meteor=False, n_boot=n_boot,
+                               seed=seed, write=False)
+        for k in keys:
+            t = result["against"]["paired"][k]
+            lo, hi = t["ci_delta"]
+            rows.append({"against": name, "metric": k, "reference": round(t["value_a"], 4),
+                         "other": round(t["value_b"], 4), "difference": round(t["delta"], 4),
+                         "95% CI": f"[{lo:.3f}, {hi:.3f}]", "p": round(t["p_value"], 4)})
+    return pd.DataFrame(rows)

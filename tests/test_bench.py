@@ -1,0 +1,46 @@
+"""The benchmark end to end on a small phantom: three systems, a few steps, one protocol."""
+import pandas as pd
+import pytest
+
+from cxpmrg_lib.bench import SYSTEMS, BenchConfig, ranked_table, read_results, run_bench
+from cxpmrg_lib.data.phantom import write_phantom
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return write_phantom(tmp_path_factory.mktemp("bench") / "phantom", studies=50, size=64, seed=7, workers=1)
+
+
+def test_unknown_system_is_refused():
+    with pytest.raises(ValueError, match="unknown system"):
+        BenchConfig(dataset_root="x", systems=["r2gen", "gpt-5"])
+
+
+@pytest.mark.slow
+def test_smoke_bench_three_systems(phantom, tmp_path):
+    cfg = BenchConfig(dataset_root=str(phantom), run_root=str(tmp_path / "runs"), device="cpu", max_steps=2,
+                      batch_size=4, val_studies=4, test_studies=6, earlier_epochs=0.1, n_boot=50, speed_studies=4,
+                      systems=["most-common", "transformer", "mambaxray-vl"], num_beams=2)
+    out = run_bench(cfg)
+    table = read_results(out)
+    assert list(table["system"]) == ["mambaxray-vl", "most-common", "transformer"]     # the reference first
+    for key in ("bleu4", "bleu4_lo", "bleu4_hi", "ce_f1", "train_min", "trainable_m", "total_m",
+                "reports_per_s", "peak_mib", "p_bleu4", "p_ce_f1"):
+        assert key in table.columns, key
+    n = int(table["n_test"].iloc[0])
+    assert table["n_test"].eq(n).all() and 3 <= n <= 6
+    ref = table.set_index("system")
+    assert pd.isna(ref.loc["mambaxray-vl", "p_bleu4"]) and not pd.isna(ref.loc["transformer", "p_bleu4"])
+    assert ref.loc["transformer", "trainable_m"] > 0 and ref.loc["most-common", "trainable_m"] == 0
+    assert ref.loc["mambaxray-vl", "total_m"] > ref.loc["mambaxray-vl", "trainable_m"]   # the frozen LM
+    for slug in ("most-common", "transformer", "mambaxray-vl"):
+        preds = pd.read_csv(out / "predictions" / f"{slug}.csv")
+        assert list(preds.columns) == ["study_id", "reference", "prediction"] and len(preds) == n
+    common = pd.read_csv(out / "predictions" / "most-common.csv")["prediction"]
+    assert common.nunique() == 1
+    # a rerun skips finished rows; another protocol (here: test studies) redoes them
+    mtime = (out / "results.csv").stat().st_mtime_ns
+    assert run_bench(cfg) == out and (out / "results.csv").stat().st_mtime_ns == mtime
+    shown = ranked_table(table)
+    assert shown.shape == (3, 7) and sum("<b>" in c for c in shown["bleu4"]) >= 1
+    assert set(SYSTEMS) >= {"r2gen", "r2gencmn", "lm-qwen2"}
