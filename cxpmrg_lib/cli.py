@@ -125,7 +125,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         return 0
     common = _stage_common(a)
     out = run_bench(BenchConfig(**common, systems=a.systems, test_studies=a.test_studies, num_beams=a.beams,
-                                lm_epochs=a.lm_epochs, n_boot=a.n_boot))
+                                lm_epochs=a.lm_epochs, n_boot=a.n_boot, redo=a.redo))
     table = read_results(out)
     cols = ["name", "bleu4", "rouge_l", "meteor", "cider", "ce_f1", "train_min", "trainable_m", "reports_per_s"]
     print(table[[c for c in cols if c in table]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_args(bn)
     bn.add_argument("--systems", nargs="+", default=None, help="system slugs (see --list); default: the default set")
     bn.add_argument("--list", action="store_true", help="list the systems and exit")
+    bn.add_argument("--redo", nargs="+", default=[], help="systems to train and score again (cached run deleted)")
     bn.add_argument("--test-studies", type=int, default=None, help="first N test studies (default: all)")
     bn.add_argument("--beams", type=int, default=3)
     bn.add_argument("--lm-epochs", type=float, default=2.0, help="epochs of each fresh LM of the LM swap")

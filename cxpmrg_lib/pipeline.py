@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The pipeline, in order. Later issues append notebooks here and to book/_toc.yml.
-NOTEBOOKS = ["00_data", "01_autoregressive", "02_contrastive", "03_finetune"]
+NOTEBOOKS = ["00_data", "01_autoregressive", "02_contrastive", "03_finetune", "04_benchmark"]
 
 # A smoke run checks the whole pipeline in minutes on tiny data (tests use it).
 SMOKE_PARAMS = {
@@ -106,6 +106,10 @@ def execute_notebook(src: Path, dst: Path, params: dict) -> None:
     declared = pm.inspect_notebook(str(src))
     passed = {k: v for k, v in params.items() if k in declared}
     tmp = dst.with_name(f".{dst.name}.running.ipynb")
+    # Progress bars inside the kernel would land in the book as frozen "0%" lines; the pipeline
+    # reports progress per notebook instead (the kernel inherits this environment).
+    saved = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
     try:
         pm.execute_notebook(str(src), str(tmp), parameters=passed, kernel_name="python3",
                             cwd=str(REPO_ROOT), progress_bar=False, log_output=False)
@@ -122,6 +126,11 @@ def execute_notebook(src: Path, dst: Path, params: dict) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if saved is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved
     os.replace(tmp, dst)
 
 

@@ -14,6 +14,8 @@ def phantom(tmp_path_factory):
 def test_unknown_system_is_refused():
     with pytest.raises(ValueError, match="unknown system"):
         BenchConfig(dataset_root="x", systems=["r2gen", "gpt-5"])
+    with pytest.raises(ValueError, match="unknown system"):
+        BenchConfig(dataset_root="x", redo=["r2gen-v2"])
 
 
 @pytest.mark.slow
@@ -38,9 +40,12 @@ def test_smoke_bench_three_systems(phantom, tmp_path):
         assert list(preds.columns) == ["study_id", "reference", "prediction"] and len(preds) == n
     common = pd.read_csv(out / "predictions" / "most-common.csv")["prediction"]
     assert common.nunique() == 1
-    # a rerun skips finished rows; another protocol (here: test studies) redoes them
+    # a rerun skips finished rows
     mtime = (out / "results.csv").stat().st_mtime_ns
     assert run_bench(cfg) == out and (out / "results.csv").stat().st_mtime_ns == mtime
+    from dataclasses import replace
+    run_bench(replace(cfg, redo=["most-common"]))                     # asked for: that row is redone
+    assert (out / "results.csv").stat().st_mtime_ns != mtime and len(read_results(out)) == 3
     shown = ranked_table(table)
     assert shown.shape == (3, 7) and sum("<b>" in c for c in shown["bleu4"]) >= 1
     assert set(SYSTEMS) >= {"r2gen", "r2gencmn", "lm-qwen2"}

@@ -60,6 +60,14 @@ def test_smoke_book_builds_with_data_chapter(tmp_path):
                     "The ablation", "(a) random init", "(b) stage 1", "Ten test studies", "95% CI"):
         assert heading in page, heading
     assert len(re.findall(r'<img[^>]+src="([^"]+)"', page)) >= 5
+    # benchmark: the ranked table, the paper's tables, bubble chart, label heatmap, ablation, p-values
+    page = (html / "notebooks" / "04_benchmark.html").read_text()
+    for text in ("MambaXray-VL", "R2Gen", "LM swap: GPT-2", "Most common report", "<b>", "published numbers",
+                 "What the phantom can and cannot tell", "Paired tests between every pair"):
+        assert text in page, text
+    assert len(re.findall(r'<img[^>]+src="([^"]+)"', page)) >= 5
+    results = (tmp_path / "runs" / "smoke")
+    assert list(results.rglob("bench/results.csv")), "the smoke benchmark wrote no results.csv"
     times = json.loads((book / "_build" / "pipeline_times.json").read_text())
     assert set(times["steps"]) == set(NOTEBOOKS) | {"jupyter-book build"}
     # the data was written where asked, under names that encode its settings (reused next time)

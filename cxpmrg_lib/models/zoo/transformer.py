@@ -52,6 +52,11 @@ class TransformerReportModel(CaptionModel):
         self.encoder = PatchViT(c.image_size, c.patch_size, c.d_model, c.encoder_layers, c.heads,
                                 mlp_ratio=c.ff / c.d_model)
         self.embed = nn.Embedding(len(vocab), c.d_model, padding_idx=vocab.pad)
+        # unit-scale embeddings after the sqrt(d) factor: a N(0, 1) table would make the words ~14x
+        # the cross-attention output in the residual stream, and the decoder would ignore the image
+        nn.init.normal_(self.embed.weight, std=c.d_model ** -0.5)
+        with torch.no_grad():
+            self.embed.weight[vocab.pad].zero_()
         self.register_buffer("positions", sinusoid_positions(self.max_tokens + 2, c.d_model), persistent=False)
         layer = nn.TransformerDecoderLayer(c.d_model, c.heads, c.ff, c.dropout, batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, c.decoder_layers)
