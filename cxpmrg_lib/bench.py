@@ -279,7 +279,7 @@ def _run_nearest(system: System, config: BenchConfig, data: _Data, run_dir: Path
     bank = _embed_studies(model, data.train)
     nn_model = _NearestNeighbour(model, bank, list(data.train.reports))
     preds = _generate(nn_model, data.test, config)
-    trainable, total = _count(model)
+    _, total = _count(model)
     return _Fitted(preds, nn_model, time.perf_counter() - t0, 0, total, pretrain_s=_pretrain_seconds(stage2),
                    run_dir=str(stage2), note="train time: embedding the training studies; the stage-2 run is reused")
 

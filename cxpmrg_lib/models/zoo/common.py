@@ -28,7 +28,7 @@ from torch import nn
 
 from cxpmrg_lib.models.vision_mamba import sincos_pos_embed_2d, study_tokens
 
-__all__ = ["WordVocab", "beam_search", "SmallResNet", "PatchViT", "CaptionModel", "pool_views",
+__all__ = ["WordVocab", "beam_search", "sinusoid_positions", "SmallResNet", "PatchViT", "CaptionModel", "pool_views",
            "count_parameters"]
 
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|[.,;:?!]")
@@ -163,6 +163,16 @@ def beam_search(step: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor
     for b in range(batch):
         seq = tokens[b * k + int(best[b]), 1:].tolist()
         out.append(seq[:seq.index(eos)] if eos in seq else seq)
+    return out
+
+
+def sinusoid_positions(length: int, dim: int, device=None) -> torch.Tensor:
+    """Fixed sine-cosine positions of Vaswani et al., (length, dim)."""
+    pos = torch.arange(length, dtype=torch.float32, device=device)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device) * (-math.log(10000.0) / dim))
+    out = torch.zeros(length, dim, device=device)
+    out[:, 0::2] = torch.sin(pos * freq)
+    out[:, 1::2] = torch.cos(pos * freq)[:, :dim // 2]
     return out
 
 

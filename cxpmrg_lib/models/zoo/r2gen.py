@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxpmrg_lib.models.zoo.common import CaptionModel, SmallResNet, WordVocab, pool_views
+from cxpmrg_lib.models.zoo.common import CaptionModel, SmallResNet, WordVocab, pool_views, sinusoid_positions
 
 __all__ = ["R2GenConfig", "R2Gen", "RelationalMemory", "MemoryConditionalLayerNorm"]
 
@@ -38,16 +38,6 @@ class R2GenConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def sinusoid_positions(length: int, dim: int, device=None) -> torch.Tensor:
-    """Fixed sine-cosine positions of Vaswani et al., (length, dim)."""
-    pos = torch.arange(length, dtype=torch.float32, device=device)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device) * (-math.log(10000.0) / dim))
-    out = torch.zeros(length, dim, device=device)
-    out[:, 0::2] = torch.sin(pos * freq)
-    out[:, 1::2] = torch.cos(pos * freq)[:, :dim // 2]
-    return out
 
 
 class WordEmbedding(nn.Module):

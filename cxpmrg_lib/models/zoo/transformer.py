@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from cxpmrg_lib.models.zoo.common import CaptionModel, PatchViT, WordVocab, pool_views
+from cxpmrg_lib.models.zoo.common import CaptionModel, PatchViT, WordVocab, pool_views, sinusoid_positions
 
-__all__ = ["TransformerConfig", "TransformerReportModel", "sinusoid_positions"]
+__all__ = ["TransformerConfig", "TransformerReportModel"]
 
 
 @dataclass
@@ -30,16 +30,6 @@ class TransformerConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def sinusoid_positions(length: int, dim: int) -> torch.Tensor:
-    """(length, dim) fixed sine/cosine positions of the Transformer paper."""
-    pos = torch.arange(length, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    out = torch.zeros(length, dim)
-    out[:, 0::2] = torch.sin(pos * freq)
-    out[:, 1::2] = torch.cos(pos * freq[: dim // 2])
-    return out
 
 
 class TransformerReportModel(CaptionModel):
