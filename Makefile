@@ -12,7 +12,7 @@ TXV_PIN := torchxrayvision==1.5.7
 DATASET ?= runs/data/phantom
 export PYTHONHASHSEED := 0
 
-.PHONY: book test bench venv clean-book clean
+.PHONY: book test bench venv browser clean-book clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,17 @@ $(STAMP): pyproject.toml
 book: $(STAMP)
 	$(BIN)/cxpmrg book
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium for the browser check of the built book (tests/test_browser.py). Debian's packages;
+# installing needs root: without it the browser test skips and says why (CI sets CI_REQUIRE_BROWSER=1,
+# which turns the skip into a failure).
+BROWSER_PKGS := chromium chromium-driver
+browser:
+	@test -x /usr/bin/chromium || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PKGS) >/dev/null) || \
+		echo "*** Chromium is not installed and could not be installed (needs Debian apt-get as root): the browser check will be skipped ***"
 
 # mambapy (a pure-PyTorch Mamba) is only the scan benchmark's baseline: installed here, not a dependency.
 MAMBAPY_PIN := mambapy==1.2.0

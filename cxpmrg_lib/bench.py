@@ -40,7 +40,7 @@ from cxpmrg_lib.stages.common import StageConfig, config_hash, resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SYSTEMS", "DEFAULT_SYSTEMS", "FROM_SCRATCH_LR", "System", "BenchConfig", "run_bench", "bench_dir", "read_results",
+__all__ = ["SYSTEMS", "DEFAULT_SYSTEMS", "SMOKE_SYSTEMS", "notebook_config", "FROM_SCRATCH_LR", "System", "BenchConfig", "run_bench", "bench_dir", "read_results",
            "ranked_table", "per_label_f1", "pairwise_pvalues"]
 
 
@@ -128,6 +128,25 @@ class BenchConfig(StageConfig):
                 "test_studies": self.test_studies, "decoding": self.decoding(), "max_words": self.max_words,
                 "min_word_count": self.min_word_count, "lm_epochs": self.lm_epochs, "n_boot": self.n_boot,
                 "earlier_epochs": self.earlier_epochs}
+
+
+# The smoke run of the book (tests): a few systems, a few steps; 04_benchmark and 06_explore share it.
+SMOKE_SYSTEMS = ["mambaxray-vl", "most-common", "transformer", "r2gen", "lm-gpt2"]
+SMOKE_BUDGET = dict(epochs=1, val_studies=8, test_studies=16, earlier_epochs=1, n_boot=100, speed_studies=4,
+                    lm_epochs=1)
+
+
+def notebook_config(dataset_root: str, dataset_kind: str = "auto", loader: dict | None = None, preset: str = "tiny",
+                    run_root: str = "runs", seed: int = 0, device: str = "cpu", systems: str | list | None = "",
+                    epochs: float = 0, lm_epochs: float = 2.0, smoke: bool = False) -> BenchConfig:
+    """The benchmark of the notebooks' parameters (04_benchmark runs it, 06_explore reads the same folder).
+    `systems`: comma-separated slugs or a list; empty: the default list (the smoke list in a smoke run)."""
+    chosen = [s.strip() for s in systems.split(",") if s.strip()] if isinstance(systems, str) else list(systems or [])
+    if smoke and not chosen:
+        chosen = list(SMOKE_SYSTEMS)
+    budget = {"lm_epochs": lm_epochs, **({"epochs": epochs} if epochs else {}), **(SMOKE_BUDGET if smoke else {})}
+    return BenchConfig(dataset_root=dataset_root, dataset_kind=dataset_kind, preset=preset, run_root=run_root,
+                       seed=seed, device=device, loader=loader or {}, systems=chosen or None, **budget)
 
 
 def bench_dir(config: BenchConfig) -> Path:
@@ -550,7 +569,7 @@ def _append_row(path: Path, row: dict) -> pd.DataFrame:
 
 def run_bench(config: BenchConfig) -> Path:
     """Run every asked-for system not yet in results.csv under this protocol; returns the bench folder."""
-    from tqdm.auto import tqdm
+    from cxpmrg_lib.progress import tqdm
 
     slugs = list(config.systems or DEFAULT_SYSTEMS)
     if REFERENCE in slugs:                       # the reference first: every later row is tested against it
@@ -656,3 +675,46 @@ def pairwise_pvalues(out_dir: str | Path, metric: str = "ce_f1", n_boot: int = 1
             p = compare_stats(stats[a], stats[b], [metric], n_boot, "bootstrap", seed)[metric]["p_value"]
             table.loc[a, b] = table.loc[b, a] = p
     return table
+
+
+def report_diversity(out_dir: str | Path, results: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per system: distinct test reports and the share of the most frequent one. A system that writes a
+    handful of reports for hundreds of studies has collapsed onto the report prior, whatever its BLEU."""
+    from cxpmrg_lib.evaluate import read_predictions
+
+    out_dir = Path(out_dir)
+    results = read_results(out_dir) if results is None else results
+    rows = {}
+    for slug, name in zip(results["system"], results["name"]):
+        preds = read_predictions(out_dir / "predictions" / f"{slug}.csv")["prediction"]
+        counts = preds.value_counts()
+        rows[name] = {"distinct reports": int(len(counts)), "test studies": int(len(preds)),
+                      "most frequent share": float(counts.iloc[0] / len(preds)) if len(preds) else math.nan}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def plain_summary(results: pd.DataFrame, pvalues: pd.DataFrame, diversity: pd.DataFrame,
+                  metric: str = "ce_f1", floor: str = "Most common report", alpha: float = 0.05) -> str:
+    """What this run shows, in sentences computed from its own numbers (markdown): which systems beat the
+    most-common floor on `metric` by a paired test, which collapsed onto a few reports, and the best row."""
+    label = {"ce_f1": "CE-F1", "bleu4": "BLEU-4"}.get(metric, metric)
+    table = results.set_index("name")
+    lines = []
+    best = table[metric].astype(float).idxmax()
+    lines.append(f"- Best {label}: **{best}** ({table.loc[best, metric]:.3f}).")
+    if floor in table.index and floor in pvalues.index:
+        base = float(table.loc[floor, metric])
+        above = [n for n in table.index if n != floor and float(table.loc[n, metric]) > base
+                 and float(pvalues.loc[n, floor]) < alpha]
+        same = [n for n in table.index if n != floor and n not in above]
+        lines.append(f"- {len(above)} of {len(table) - 1} systems beat the most common training report on {label} "
+                     f"({base:.3f}) by a paired test at p < {alpha}: {', '.join(above) or 'none'}.")
+        if same:
+            lines.append(f"- Not distinguishable from it, or below it: {', '.join(same)}.")
+    collapsed = diversity[(diversity["distinct reports"] <= 10) & (diversity.index != floor)]
+    if len(collapsed):
+        lines.append(f"- {len(collapsed)} systems wrote at most 10 distinct reports for "
+                     f"{int(diversity['test studies'].max())} test studies (they fell back on the most likely "
+                     f"report whatever the image): " + ", ".join(f"{n} ({int(r['distinct reports'])})"
+                                                            for n, r in collapsed.iterrows()) + ".")
+    return "\n".join(lines)

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from cxpmrg_lib.data.prepare import DEFAULT_PHANTOM_SIZE, DEFAULT_PHANTOM_STUDIES
 
 log = logging.getLogger("cxpmrg")
 
@@ -203,8 +204,8 @@ def _add_stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset-root", default=None, help="dataset tree (default: the embedded phantom)")
     p.add_argument("--kind", default="auto", help="auto | chexpert_plus | r2gen")
     p.add_argument("--data-root", default="data", help="where the phantom is written when no --dataset-root")
-    p.add_argument("--phantom-studies", type=int, default=3000)
-    p.add_argument("--phantom-size", type=int, default=256)
+    p.add_argument("--phantom-studies", type=int, default=DEFAULT_PHANTOM_STUDIES)
+    p.add_argument("--phantom-size", type=int, default=DEFAULT_PHANTOM_SIZE)
     p.add_argument("--preset", default="tiny", help="tiny | base | large")
     p.add_argument("--run-root", default="runs")
     p.add_argument("--epochs", type=float, default=None, help="default: the preset's")
@@ -231,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ph = dsub.add_parser("phantom", help="write a synthetic CheXpert Plus tree (the embedded default data)")
     ph.add_argument("--out", required=True, help="output folder (created; must be empty unless --overwrite)")
-    ph.add_argument("--studies", type=int, default=3000, help="number of studies (default 3000)")
-    ph.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    ph.add_argument("--studies", type=int, default=DEFAULT_PHANTOM_STUDIES, help="number of studies (default %(default)s)")
+    ph.add_argument("--size", type=int, default=DEFAULT_PHANTOM_SIZE, help="image side in pixels (default %(default)s)")
     ph.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     ph.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     ph.add_argument("--overwrite", action="store_true", help="replace an existing folder")
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     iu.add_argument("--out", required=True, help="output folder")
     iu.add_argument("--reports", default=None,
                     help="NLMCXR_reports.tgz (default: $CXPMRG_OPENI_TGZ, else the copy inside torchxrayvision)")
-    iu.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    iu.add_argument("--size", type=int, default=DEFAULT_PHANTOM_SIZE, help="image side in pixels (default %(default)s)")
     iu.add_argument("--seed", type=int, default=0, help="seed for rendering and the 70/10/20 split")
     iu.add_argument("--limit", type=int, default=None, help="only the first N reports (for quick looks)")
     iu.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")

@@ -44,6 +44,17 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
 
 
+def read_json_if_exists(path: str | os.PathLike) -> dict:
+    """The JSON object in `path`, {} when the file does not exist; a broken file is an error naming it."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 def _json_default(o):
     # numpy scalars / arrays and paths appear in summaries; write them as plain JSON.
     if hasattr(o, "tolist"):

@@ -98,7 +98,7 @@ class StudyStats:
 
     def bootstrap(self, n_boot: int = 1000, seed: int = 0, progress: bool | None = None) -> dict[str, np.ndarray]:
         """n_boot resampled values of every metric (same resamples for all metrics)."""
-        from tqdm.auto import tqdm
+        from cxpmrg_lib.progress import tqdm
 
         parts: dict[str, list[np.ndarray]] = {k: [] for k in self.values}
         blocks = bootstrap_weights(self.n, n_boot, seed)
@@ -281,7 +281,7 @@ def compare_stats(a: StudyStats, b: StudyStats, metrics: Iterable[str] | str | N
     alternative="greater" tests "A beats B"; "two-sided" (default) "A differs from B".
     ``a_better`` is True when delta > 0 and p_value < alpha.
     """
-    from tqdm.auto import tqdm
+    from cxpmrg_lib.progress import tqdm
 
     if method not in PAIRED_METHODS:
         raise ValueError(f"method must be one of {PAIRED_METHODS}, got {method!r}")

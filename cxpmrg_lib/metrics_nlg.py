@@ -286,7 +286,7 @@ class MeteorJVM:
         ref content, test function, ref function), chunks, test/ref word matches. All are
         additive, so the statistics of a set of segments are the sum of their rows.
         """
-        from tqdm.auto import tqdm
+        from cxpmrg_lib.progress import tqdm
 
         lines = [f"SCORE ||| {r} ||| {h}" for h, r in zip(hyps, refs)]
         rows: list[list[float]] = []

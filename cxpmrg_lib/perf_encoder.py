@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from cxpmrg_lib.progress import tqdm
 
 from cxpmrg_lib.fileio import write_json
 from cxpmrg_lib.models.vision_mamba import EncoderConfig, VisionMamba, sincos_pos_embed_2d
@@ -45,7 +45,8 @@ class ViTEncoder(nn.Module):
         return self.norm(self.blocks(x))
 
 
-def _step_seconds(model: nn.Module, images: torch.Tensor, repeats: int) -> float:
+def train_step(model: nn.Module, images: torch.Tensor):
+    """A closure running one training step (forward, backward, AdamW) of an encoder on `images`."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
@@ -56,6 +57,11 @@ def _step_seconds(model: nn.Module, images: torch.Tensor, repeats: int) -> float
         loss.backward()
         opt.step()
 
+    return step
+
+
+def _step_seconds(model: nn.Module, images: torch.Tensor, repeats: int) -> float:
+    step = train_step(model, images)
     step()  # warm-up (allocations, kernel selection)
     times = []
     for _ in range(repeats):

@@ -180,7 +180,7 @@ def benchmark_report(dataset_root: str | os.PathLike, run_dir: str | os.PathLike
     it reports is that phase's and not what an earlier phase left in the allocator."""
     import multiprocessing as mp
 
-    from tqdm.auto import tqdm
+    from cxpmrg_lib.progress import tqdm
 
     base = {"dataset_root": str(dataset_root), "run_dir": str(run_dir) if run_dir else None, "preset": preset,
             "kind": kind, "loader": loader, "batch": batch, "steps": train_steps, "seed": seed,

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from cxpmrg_lib.progress import tqdm
 
 from cxpmrg_lib.fileio import write_json
 from cxpmrg_lib.models.ssm import selective_scan

@@ -21,13 +21,15 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The pipeline, in order. Later issues append notebooks here and to book/_toc.yml.
-NOTEBOOKS = ["00_data", "01_autoregressive", "02_contrastive", "03_finetune", "04_benchmark"]
+NOTEBOOKS = ["00_data", "01_autoregressive", "02_contrastive", "03_finetune", "04_benchmark", "05_efficiency",
+             "06_explore", "07_reproducibility"]
 
 # A smoke run checks the whole pipeline in minutes on tiny data (tests use it).
 SMOKE_PARAMS = {
     "phantom_studies": 60,
     "phantom_size": 96,
     "iu_limit": 120,
+    "iu_studies": 120,
     "smoke": True,
 }
 

@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from cxpmrg_lib.progress import tqdm
 
 from cxpmrg_lib.observations import CHEXPERT_LABELS
 

@@ -10,7 +10,7 @@ import os
 
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from cxpmrg_lib.progress import tqdm
 
 log = logging.getLogger(__name__)
 

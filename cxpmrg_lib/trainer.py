@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -37,7 +38,7 @@ import torch.distributed as dist
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object, send_to_device, set_seed
 from safetensors.torch import load_model, save_model
-from tqdm.auto import tqdm
+from cxpmrg_lib.progress import tqdm
 
 from cxpmrg_lib.fileio import atomic_dir, atomic_path, write_json, write_text
 
@@ -794,12 +795,23 @@ class _Run:
                 "total_steps": self.total, "final_loss": self.final_loss, "wall_s": wall,
                 "images_per_s": result.images_per_s, "resumed_from": self.resumed_from, "best": self.best,
                 "last_eval": self.last_eval, "world_size": self.dist.world, "mixed_precision": self.precision,
-                "device": str(self.device), "config": asdict(self.config)})
+                "device": str(self.device), "config": asdict(self.config),
+                # the process's resident peak so far (an upper bound when one process ran earlier work too)
+                "peak_rss_mib": _peak_rss_mib()})
             log.info("%s: %s at step %d/%d, loss %.4g, %.1f img/s", self.desc,
                      "interrupted" if interrupted else "finished", self.step, self.total, self.final_loss,
                      result.images_per_s)
         self.dist.barrier()
         return result
+
+
+def _peak_rss_mib() -> float | None:
+    try:
+        import resource
+    except ImportError:            # not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)   # bytes on macOS, KiB on Linux
 
 
 def _finished_result(model, run_dir: Path, total: int) -> TrainResult | None:

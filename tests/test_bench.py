@@ -49,3 +49,33 @@ def test_smoke_bench_three_systems(phantom, tmp_path):
     shown = ranked_table(table)
     assert shown.shape == (3, 7) and sum("<b>" in c for c in shown["bleu4"]) >= 1
     assert set(SYSTEMS) >= {"r2gen", "r2gencmn", "lm-qwen2"}
+
+
+def test_diversity_and_plain_summary_name_the_collapsed_and_the_winners(tmp_path):
+    from cxpmrg_lib.bench import notebook_config, plain_summary, report_diversity
+
+    refs = [f"finding {i % 4} is present ." for i in range(40)]
+    preds = {"most-common": ["finding 0 is present ."] * 40, "nearest-neighbour": refs,
+             "r2gen": ["finding 0 is present .", "finding 1 is present ."] * 20}
+    (tmp_path / "predictions").mkdir()
+    for slug, p in preds.items():
+        pd.DataFrame({"study_id": range(40), "reference": refs, "prediction": p}).to_csv(
+            tmp_path / "predictions" / f"{slug}.csv", index=False)
+    results = pd.DataFrame({"system": list(preds), "name": [SYSTEMS[s].name for s in preds],
+                            "ce_f1": [0.25, 0.9, 0.4]})
+    div = report_diversity(tmp_path, results)
+    assert div["distinct reports"].tolist() == [1, 4, 2]
+    assert div.loc["R2Gen", "most frequent share"] == 0.5
+    names = results["name"].tolist()
+    p = pd.DataFrame(1.0, index=names, columns=names)
+    p.loc[names[1], names[0]] = p.loc[names[0], names[1]] = 0.001      # nearest neighbour beats the floor
+    text = plain_summary(results, p, div)
+    assert "Best CE-F1: **Nearest neighbour" in text
+    assert "1 of 2 systems beat the most common training report" in text
+    assert "Not distinguishable from it, or below it: R2Gen" in text
+    assert "R2Gen (2)" in text and "Nearest neighbour (stage-2 embedding) (4)" in text   # <= 10 distinct
+    # the notebooks' config: the smoke list and budget, and a comma-separated list otherwise
+    smoke = notebook_config("x", smoke=True)
+    assert smoke.systems[0] == "mambaxray-vl" and smoke.test_studies == 16
+    assert notebook_config("x", systems="r2gen, most-common").systems == ["r2gen", "most-common"]
+    assert notebook_config("x").systems is None and notebook_config("x", epochs=2).epochs == 2

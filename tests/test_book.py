@@ -1,27 +1,17 @@
 """The main job end to end on tiny data: papermill runs the notebooks, Jupyter Book 1.x builds the HTML."""
 import json
 import re
-import shutil
-from pathlib import Path
 
 import nbformat
 import pytest
 
 from cxpmrg_lib.pipeline import NOTEBOOKS, NotebookFailed, run_book
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _copy_book(dst: Path) -> Path:
-    shutil.copytree(ROOT / "book", dst, ignore=shutil.ignore_patterns("_build", "notebooks"))
-    return dst
-
 
 @pytest.mark.slow
-def test_smoke_book_builds_with_data_chapter(tmp_path):
-    book = _copy_book(tmp_path / "book")
-    data_root = tmp_path / "data"
-    steps = run_book(book_dir=book, smoke=True, params={"data_root": str(data_root)})
+def test_smoke_book_builds_with_data_chapter(smoke_book):
+    # built once per session by the smoke_book fixture (tests/conftest.py), shared with the browser check
+    book, data_root, steps = smoke_book.book, smoke_book.data_root, smoke_book.steps
     assert [s.notebook for s in steps] == NOTEBOOKS + ["jupyter-book build"]
 
     # the executed notebook has outputs and no error outputs
@@ -66,7 +56,36 @@ def test_smoke_book_builds_with_data_chapter(tmp_path):
                  "What the phantom can and cannot tell", "Paired tests between every pair"):
         assert text in page, text
     assert len(re.findall(r'<img[^>]+src="([^"]+)"', page)) >= 5
-    results = (tmp_path / "runs" / "smoke")
+    assert "The iu-phantom: real IU X-Ray reports" in page and "iu-phantom: 2 systems" in page
+    # efficiency: scan table, encoder curves, stage times, benchmark costs (no profiler noise)
+    page = (html / "notebooks" / "05_efficiency.html").read_text()
+    for text in ("The selective scan: ours, mambapy and the sequential reference",
+                 "Encoder training throughput against a ViT of the same size",
+                 "Stage wall times and peak memory", "Parameters and training time per benchmarked system",
+                 "ours vs reference", "stage 1 (autoregressive)", "MambaXray-VL"):
+        assert text in page, text
+    assert "USDT" not in page
+    assert len(re.findall(r'<img[^>]+src="([^"]+)"', page)) >= 4
+    # the explorer: a static gallery with highlighted sentences and images, no dead widget
+    page = (html / "notebooks" / "06_explore.html").read_text()
+    for text in ("Explore the generated reports", "Per-study scores, averaged", "Selected cases",
+                 "Where systems disagree", "The live browser", 'class="cx-case"', 'class="cx-exact"',
+                 "data:image/png;base64", "exact sentences (%)"):
+        assert text in page, text
+    assert "widget-view" not in page
+    # reproducibility: versions, the runs of this book, checksums, how to rerun a number; references
+    page = (html / "notebooks" / "07_reproducibility.html").read_text()
+    for text in ("Software", "Every run", "Datasets: checksums", "How to rerun one number", "finetune"):
+        assert text in page, text
+    page = (html / "references.html").read_text()
+    assert "CC BY-NC-ND 4.0" in page and "R2Gen" in page
+    # progress bars stay out of the book (the pipeline switches them off in its kernels)
+    for name in NOTEBOOKS:
+        nb = nbformat.read(book / "notebooks" / f"{name}.ipynb", as_version=4)
+        widgets = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                   if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+        assert not widgets, f"{name}: {len(widgets)} widget outputs (progress bars?) in the book"
+    results = smoke_book.run_root
     assert list(results.rglob("bench/results.csv")), "the smoke benchmark wrote no results.csv"
     times = json.loads((book / "_build" / "pipeline_times.json").read_text())
     assert set(times["steps"]) == set(NOTEBOOKS) | {"jupyter-book build"}
@@ -92,3 +111,20 @@ def test_failing_notebook_stops_the_run_and_names_the_cell(tmp_path):
 def test_unknown_notebook_name_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown notebook"):
         run_book(book_dir=tmp_path, only=["99_nothing"], build=False)
+
+
+def test_every_notebook_has_the_common_parameters_with_the_same_defaults():
+    """papermill -p NAME works the same on every chapter, and a chapter run alone finds the others' runs."""
+    import papermill as pm
+
+    from cxpmrg_lib.data.prepare import DEFAULT_PHANTOM_SIZE, DEFAULT_PHANTOM_STUDIES
+    from cxpmrg_lib.pipeline import REPO_ROOT
+
+    common = {"data_root": '"data"', "dataset_root": '""', "dataset_kind": '"auto"', "section": '"findings"',
+              "split": '"patient"', "phantom_studies": str(DEFAULT_PHANTOM_STUDIES),
+              "phantom_size": str(DEFAULT_PHANTOM_SIZE), "seed": "0", "run_root": '"runs"', "preset": '"tiny"',
+              "device": '"cpu"', "smoke": "False"}
+    for name in NOTEBOOKS:
+        declared = pm.inspect_notebook(str(REPO_ROOT / "notebooks" / f"{name}.ipynb"))
+        got = {k: declared[k]["default"] for k in common if k in declared}
+        assert got == common, f"{name}: {set(common.items()) ^ set(got.items())}"

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from cxpmrg_lib.data.openi import openi_available
 from cxpmrg_lib.data.phantom import (CHEXPERT_PLUS_COLUMNS, Anatomy, Finding, StudySpec, expected_prevalence,
                                      mesh_to_findings, render_study, sample_study_spec, write_iu_phantom,
                                      write_phantom)
@@ -209,16 +210,9 @@ def test_mesh_mapping_examples():
         assert mesh_to_findings(*term) is None
 
 
-def _openi_available():
-    try:
-        from cxpmrg_lib.data.openi import find_openi_reports
-        find_openi_reports()
-        return True
-    except Exception:
-        return False
 
 
-@pytest.mark.skipif(not _openi_available(), reason="cxpmrg_lib.data.openi or NLMCXR_reports.tgz not available")
+@pytest.mark.skipif(not openi_available(), reason="cxpmrg_lib.data.openi or NLMCXR_reports.tgz not available")
 def test_iu_phantom_subset(tmp_path):
     out = write_iu_phantom(tmp_path / "iu", size=96, seed=0, limit=60, workers=1)
     ann = json.loads((out / "annotation.json").read_text())
@@ -239,7 +233,7 @@ def test_loads_through_the_loaders(phantom, tmp_path):
     cp = pytest.importorskip("cxpmrg_lib.data.chexpert_plus", reason="chexpert_plus loader not written yet")
     df = cp.load_chexpert_plus(phantom)
     assert len(df) > 0
-    if _openi_available():
+    if openi_available():
         r2 = pytest.importorskip("cxpmrg_lib.data.r2gen", reason="r2gen loader not written yet")
         out = write_iu_phantom(tmp_path / "iu", size=64, seed=1, limit=20, workers=1)
         assert len(r2.load_r2gen(out, dataset="iu_xray")) == 20

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from cxpmrg_lib.progress import tqdm
 
 from cxpmrg_lib.data.errors import DataError
 from cxpmrg_lib.observations import CHEXPERT_LABELS

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from cxpmrg_lib.progress import tqdm
 
 from cxpmrg_lib.data.errors import DataError
 from cxpmrg_lib.data.table import (CHEXPERT_LABELS, RowProblems, check_on_error, check_relpath, note_dropped,

@@ -74,6 +74,15 @@ def parse_mesh_term(term: str) -> MeshTerm:
     return MeshTerm(heading=heading, qualifiers=qualifiers, raw=term)
 
 
+def openi_available() -> bool:
+    """Whether the real IU X-Ray reports can be found (see find_openi_reports), without raising."""
+    try:
+        find_openi_reports()
+        return True
+    except Exception:   # noqa: BLE001 - any reason it cannot be found means "not available"
+        return False
+
+
 def find_openi_reports(path: str | os.PathLike | None = None) -> Path:
     """Where NLMCXR_reports.tgz is: `path`, else $CXPMRG_OPENI_TGZ, else inside torchxrayvision.
 

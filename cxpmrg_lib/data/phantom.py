@@ -37,7 +37,7 @@ from .phantom_reports import write_report
 log = logging.getLogger(__name__)
 
 __all__ = ["write_phantom", "write_iu_phantom", "render_study", "render_lateral", "sample_study_spec",
-           "sample_anatomy", "Finding", "Anatomy", "StudySpec", "PREVALENCE", "expected_prevalence",
+           "sample_anatomy", "Finding", "Anatomy", "StudySpec", "PREVALENCE", "expected_prevalence", "DATASET_MARKER",
            "CHEXPERT_PLUS_COLUMNS", "mesh_to_findings"]
 
 CHEXPERT_PLUS_COLUMNS = [
@@ -339,7 +339,7 @@ def _run_jobs(fn, jobs: list, workers: int | None, desc: str) -> list:
 
     Tiny job lists run in this process. Even one worker runs in its own process: it
     can tune its allocator (see `_worker_init`) without touching the caller's."""
-    from tqdm.auto import tqdm
+    from cxpmrg_lib.progress import tqdm
 
     workers = workers or os.cpu_count() or 1
     if len(jobs) < 16:
@@ -366,13 +366,25 @@ comparable with published numbers on the real dataset.
 """
 
 
+# A small file in each generated tree that says what it is and whether it may be published
+# (cxpmrg_lib.publish reads it; a real dataset tree can carry one too, to override the guess).
+DATASET_MARKER = "dataset_manifest.json"
+
+
+def _write_marker(folder: Path, dataset: str, name: str, licence: str, generator: str) -> None:
+    marker = {"dataset": dataset, "name": name, "redistributable": True, "licence": licence,
+              "synthetic": "images only" if dataset == "iu_phantom" else True, "generator": generator}
+    (folder / DATASET_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
 def write_phantom(out: str | os.PathLike, studies: int = 500, size: int = 256, seed: int = 0,
                   overwrite: bool = False, workers: int | None = None) -> Path:
     """Write a miniature CheXpert Plus tree at `out` (see the module docstring) and return its path.
 
     Files: df_chexpert_plus_240401.csv (27 real columns; one frontal image per study),
     PNG/<path_to_image with .png>, chexbert_labels/{findings,impression}_fixed.json
-    (labels of what each section says), phantom_truth.csv (drawn findings), README.txt.
+    (labels of what each section says), phantom_truth.csv (drawn findings), README.txt,
+    dataset_manifest.json (what the tree is; it may be published).
     Built in a temporary folder and renamed into place, so a crash leaves nothing behind.
     `workers` worker processes render the studies (default: one per core; fewer than 16
     studies render in this process); the tree is the same whatever their number.
@@ -404,6 +416,8 @@ def write_phantom(out: str | os.PathLike, studies: int = 500, size: int = 256, s
                 "df_chexpert_plus_240401.csv, PNG/, chexbert_labels/. Reports are templated text whose\n"
                 "chexbert_labels are exact by construction; phantom_truth.csv lists the drawn findings.")
         (tmp / "README.txt").write_text(_README.format(what=what, fn="write_phantom", seed=seed, size=size))
+        _write_marker(tmp, "phantom", "phantom (synthetic CheXpert Plus)", "same as this project (MIT)",
+                      "cxpmrg_lib.data.phantom.write_phantom")
     log.info("wrote the phantom (%d studies) to %s", studies, out)
     return Path(out)
 
@@ -581,6 +595,9 @@ def write_iu_phantom(out: str | os.PathLike, reports: str | os.PathLike | None =
                 f"MeSH indexing, R2Gen layout: annotation.json + images/<id>/0.png (frontal), 1.png (lateral).\n"
                 f"{len(items)} studies; see mesh_mapping.json for the terms that were and were not drawn.")
         (tmp / "README.txt").write_text(_README.format(what=what, fn="write_iu_phantom", seed=seed, size=size))
+        _write_marker(tmp, "iu_phantom", "iu-phantom (real IU X-Ray reports, rendered radiographs)",
+                      "reports CC BY-NC-ND 4.0 (Indiana University / Open-i); rendered images MIT",
+                      "cxpmrg_lib.data.phantom.write_iu_phantom")
     log.info("iu-phantom: %d studies, %d MeSH terms drawn, %d not drawn (top: %s)", len(items), sum(mapped.values()),
              sum(unmapped.values()), ", ".join(f"{k} x{v}" for k, v in unmapped.most_common(5)))
     return Path(out)

@@ -12,6 +12,12 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# The default phantom of the book and the CLI: 1,500 studies rendered at 128 px, the tiny encoder's input
+# size (a larger render is only resized down again), sized so that the whole default book fits in
+# 45 minutes on 2 CPU cores.
+DEFAULT_PHANTOM_STUDIES = 1500
+DEFAULT_PHANTOM_SIZE = 128
+
 
 def phantom_dir(data_root: str | os.PathLike, studies: int, size: int, seed: int) -> Path:
     return Path(data_root) / f"phantom_n{studies}_{size}px_s{seed}"
@@ -22,7 +28,7 @@ def iu_phantom_dir(data_root: str | os.PathLike, size: int, seed: int, limit: in
     return Path(data_root) / f"iu-phantom_{n}{size}px_s{seed}"
 
 
-def ensure_phantom(data_root: str | os.PathLike, studies: int = 3000, size: int = 256, seed: int = 0,
+def ensure_phantom(data_root: str | os.PathLike, studies: int = DEFAULT_PHANTOM_STUDIES, size: int = DEFAULT_PHANTOM_SIZE, seed: int = 0,
                    workers: int | None = None) -> Path:
     """The default synthetic CheXpert Plus tree, generated on first use."""
     from cxpmrg_lib.data.phantom import write_phantom
@@ -35,7 +41,7 @@ def ensure_phantom(data_root: str | os.PathLike, studies: int = 3000, size: int 
     return Path(write_phantom(out, studies=studies, size=size, seed=seed, workers=workers))
 
 
-def ensure_iu_phantom(data_root: str | os.PathLike, size: int = 256, seed: int = 0, limit: int | None = None,
+def ensure_iu_phantom(data_root: str | os.PathLike, size: int = DEFAULT_PHANTOM_SIZE, seed: int = 0, limit: int | None = None,
                       reports: str | os.PathLike | None = None, workers: int | None = None) -> Path:
     """The iu-phantom (real IU X-Ray reports, rendered radiographs), generated on first use."""
     from cxpmrg_lib.data.phantom import write_iu_phantom

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from cxpmrg_lib.progress import tqdm
 
 from cxpmrg_lib.data.dataset import collate_studies
 from cxpmrg_lib.fileio import write_json

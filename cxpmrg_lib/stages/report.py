@@ -273,7 +273,7 @@ def _test_predictions(model, config: FinetuneConfig, run_dir: Path) -> dict:
 @torch.no_grad()
 def generate_reports(model, studies, batch_size: int = 16, **decoding) -> list[str]:
     """Reports for every study of a dataset (items as StudyTensorDataset's), in order."""
-    from tqdm.auto import tqdm
+    from cxpmrg_lib.progress import tqdm
 
     device = next(p for p in model.parameters()).device
     out: list[str] = []
