@@ -25,7 +25,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
 
+# mambapy (a pure-PyTorch Mamba) is only a baseline of the scan measurements (the efficiency chapter,
+# `make bench`): installed here, not a dependency.
+MAMBAPY_PIN := mambapy==1.2.0
+
 book: $(STAMP)
+	@$(BIN)/python -c "import mambapy" 2>/dev/null || $(BIN)/python -m pip install --quiet --no-deps $(MAMBAPY_PIN)
 	$(BIN)/cxpmrg book
 
 test: $(STAMP) browser
@@ -39,9 +44,6 @@ browser:
 	@test -x /usr/bin/chromium || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PKGS) >/dev/null) || \
 		echo "*** Chromium is not installed and could not be installed (needs Debian apt-get as root): the browser check will be skipped ***"
-
-# mambapy (a pure-PyTorch Mamba) is only the scan benchmark's baseline: installed here, not a dependency.
-MAMBAPY_PIN := mambapy==1.2.0
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps $(MAMBAPY_PIN)
