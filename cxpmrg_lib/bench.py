@@ -69,6 +69,8 @@ SYSTEMS: dict[str, System] = {s.slug: s for s in [
            (("model", "r2gen"), ("lr", FROM_SCRATCH_LR))),
     System("r2gencmn", "R2GenCMN", "encoder-decoder", "zoo", "Chen et al., ACL 2021",
            (("model", "cmn"), ("lr", FROM_SCRATCH_LR))),
+    System("cvt2gpt2", "CvT2DistilGPT2-style (conv ViT + GPT-2)", "encoder-decoder", "cvt2gpt2",
+           "Nicolson et al., Artificial Intelligence in Medicine 2023"),
     System("r2gengpt", "R2GenGPT-style (ViT + frozen LM)", "frozen LM", "r2gengpt", "Wang et al., Meta-Radiology 2023",
            (("lr", FROM_SCRATCH_LR),)),
     System("mambaxray-vl", "MambaXray-VL", "MambaXray-VL", "mamba", _MAMBA, (("init", "stage2"),)),
@@ -87,7 +89,7 @@ SYSTEMS: dict[str, System] = {s.slug: s for s in [
 ]}
 # The default benchmark (make book); lm-mistral is there on request (a Llama with sliding-window attention).
 DEFAULT_SYSTEMS = ["mambaxray-vl", "most-common", "nearest-neighbour", "transformer", "r2gen", "r2gencmn",
-                   "r2gengpt", "mambaxray-vl-no-stage1", "mambaxray-vl-no-stage2", "mambaxray-vl-no-pretraining",
+                   "cvt2gpt2", "r2gengpt", "mambaxray-vl-no-stage1", "mambaxray-vl-no-stage2", "mambaxray-vl-no-pretraining",
                    "lm-llama", "lm-qwen2", "lm-gpt2", "lm-phi"]
 REFERENCE = "mambaxray-vl"
 
@@ -388,6 +390,22 @@ def _run_r2gengpt(system: System, config: BenchConfig, data: _Data, run_dir: Pat
                         "MambaXray-VL's")
 
 
+def _run_cvt2gpt2(system: System, config: BenchConfig, data: _Data, run_dir: Path) -> _Fitted:
+    from cxpmrg_lib.models.zoo.cvt2gpt2 import CvT2GPT2
+
+    lm_dir = _report_lm_dir(config, "gpt2", epochs=config.lm_epochs)     # the LM swap's GPT-2: the warm start
+    torch.manual_seed(config.seed)
+    model = CvT2GPT2(lm_dir, list(data.train.reports))
+    t0 = time.perf_counter()
+    _train(model, config, data, run_dir, desc=system.name, lr=dict(system.options).get("lr"))
+    preds = _generate(model, data.test, config)
+    trainable, total = _count(model)
+    return _Fitted(preds, model, _elapsed(run_dir) or time.perf_counter() - t0, trainable, total,
+                   pretrain_s=_elapsed(lm_dir.parent), run_dir=str(run_dir),
+                   note=f"decoder warm-started from the GPT-2 report LM ({config.lm_epochs:g} epochs) and trained; "
+                        "encoder from scratch (the original starts from ImageNet CvT-21 and DistilGPT2)")
+
+
 def _pretrain_seconds(run_dir: Path) -> float:
     """Training seconds of the earlier stages a run was built on (stage 1, stage 2, the report LM)."""
     from cxpmrg_lib.stages.common import read_summary
@@ -510,7 +528,7 @@ def _run_lm_swap(system: System, config: BenchConfig, data: _Data, run_dir: Path
 
 
 _RUNNERS = {"most_common": _run_most_common, "nearest": _run_nearest, "zoo": _run_zoo, "r2gengpt": _run_r2gengpt,
-            "mamba": _run_mamba, "lm_swap": _run_lm_swap}
+            "cvt2gpt2": _run_cvt2gpt2, "mamba": _run_mamba, "lm_swap": _run_lm_swap}
 
 
 # ----------------------------------------------------------------------------- speed, scoring, the table

@@ -103,6 +103,9 @@ def execute_notebook(src: Path, dst: Path, params: dict) -> None:
     """Run one notebook with the parameters it declares; raise NotebookFailed naming the cell."""
     import papermill as pm
 
+    # papermill logs its input/output paths at INFO for every notebook: the pipeline's own
+    # "[i/n] name ... done in" lines say the same thing once
+    logging.getLogger("papermill").setLevel(logging.WARNING)
     if not src.exists():
         raise FileNotFoundError(f"notebook {src} not found")
     declared = pm.inspect_notebook(str(src))

@@ -19,13 +19,15 @@ def test_unknown_system_is_refused():
 
 
 @pytest.mark.slow
-def test_smoke_bench_three_systems(phantom, tmp_path):
+def test_smoke_bench_four_systems(phantom, tmp_path):
     cfg = BenchConfig(dataset_root=str(phantom), run_root=str(tmp_path / "runs"), device="cpu", max_steps=2,
                       batch_size=4, val_studies=4, test_studies=6, earlier_epochs=0.1, n_boot=50, speed_studies=4,
-                      systems=["most-common", "transformer", "mambaxray-vl"], num_beams=2)
+                      systems=["most-common", "cvt2gpt2", "transformer", "mambaxray-vl"], num_beams=2,
+                      lm_epochs=0.2)
     out = run_bench(cfg)
     table = read_results(out)
-    assert list(table["system"]) == ["mambaxray-vl", "most-common", "transformer"]     # the reference first
+    # the reference first, then the registry's order
+    assert list(table["system"]) == ["mambaxray-vl", "most-common", "transformer", "cvt2gpt2"]
     for key in ("bleu4", "bleu4_lo", "bleu4_hi", "ce_f1", "train_min", "trainable_m", "total_m",
                 "reports_per_s", "peak_mib", "p_bleu4", "p_ce_f1"):
         assert key in table.columns, key
@@ -35,7 +37,9 @@ def test_smoke_bench_three_systems(phantom, tmp_path):
     assert pd.isna(ref.loc["mambaxray-vl", "p_bleu4"]) and not pd.isna(ref.loc["transformer", "p_bleu4"])
     assert ref.loc["transformer", "trainable_m"] > 0 and ref.loc["most-common", "trainable_m"] == 0
     assert ref.loc["mambaxray-vl", "total_m"] > ref.loc["mambaxray-vl", "trainable_m"]   # the frozen LM
-    for slug in ("most-common", "transformer", "mambaxray-vl"):
+    assert ref.loc["cvt2gpt2", "pretrain_min"] > 0          # its GPT-2 warm start is a report LM trained first
+    assert ref.loc["cvt2gpt2", "trainable_m"] == ref.loc["cvt2gpt2", "total_m"]   # the whole decoder trains
+    for slug in ("most-common", "transformer", "mambaxray-vl", "cvt2gpt2"):
         preds = pd.read_csv(out / "predictions" / f"{slug}.csv")
         assert list(preds.columns) == ["study_id", "reference", "prediction"] and len(preds) == n
     common = pd.read_csv(out / "predictions" / "most-common.csv")["prediction"]
@@ -45,9 +49,9 @@ def test_smoke_bench_three_systems(phantom, tmp_path):
     assert run_bench(cfg) == out and (out / "results.csv").stat().st_mtime_ns == mtime
     from dataclasses import replace
     run_bench(replace(cfg, redo=["most-common"]))                     # asked for: that row is redone
-    assert (out / "results.csv").stat().st_mtime_ns != mtime and len(read_results(out)) == 3
+    assert (out / "results.csv").stat().st_mtime_ns != mtime and len(read_results(out)) == 4
     shown = ranked_table(table)
-    assert shown.shape == (3, 7) and sum("<b>" in c for c in shown["bleu4"]) >= 1
+    assert shown.shape == (4, 7) and sum("<b>" in c for c in shown["bleu4"]) >= 1
     assert set(SYSTEMS) >= {"r2gen", "r2gencmn", "lm-qwen2"}
 
 
