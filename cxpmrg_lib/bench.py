@@ -106,7 +106,7 @@ class BenchConfig(StageConfig):
     max_words: int = 100                 # report words the word-level systems supervise (R2Gen's MIMIC setting)
     min_word_count: int = 3              # a word enters their vocabulary when seen this often in training
     lm_epochs: float = 2.0               # the LM swap: epochs of each fresh LM on the reports
-    speed_studies: int = 64              # generation reports/s and peak memory: measured on this many test studies
+    speed_studies: int = 32              # generation reports/s and peak memory: measured on this many test studies
     redo: list[str] = field(default_factory=list)   # systems to train and score again (their cached run is deleted)
     n_boot: int = 1000
     earlier_epochs: float | None = None  # MambaXray-VL's earlier stages when they must be trained (smoke runs)
