@@ -253,6 +253,17 @@ def _generate(model, studies, config: BenchConfig) -> list[str]:
 
 # ----------------------------------------------------------------------------- the runners
 
+def _fit(model, system: System, config: BenchConfig, data: _Data, run_dir: Path, pretrain_s: float = 0.0,
+         note: str = "") -> _Fitted:
+    """Train a system's network under the shared budget (its own peak lr), then write the test reports."""
+    t0 = time.perf_counter()
+    _train(model, config, data, run_dir, desc=system.name, lr=dict(system.options).get("lr"))
+    preds = _generate(model, data.test, config)
+    trainable, total = _count(model)
+    return _Fitted(preds, model, _elapsed(run_dir) or time.perf_counter() - t0, trainable, total,
+                   pretrain_s=pretrain_s, run_dir=str(run_dir), note=note)
+
+
 def _run_most_common(system: System, config: BenchConfig, data: _Data, run_dir: Path) -> _Fitted:
     counts = pd.Series(list(data.train.reports)).value_counts()
     best = counts.index[0]
@@ -337,12 +348,8 @@ def _run_zoo(system: System, config: BenchConfig, data: _Data, run_dir: Path) ->
     vocab, typical = _word_setup(config, data, run_dir)
     torch.manual_seed(config.seed)
     model = _zoo_model(opts["model"], vocab, config, typical, data.image_size)
-    t0 = time.perf_counter()
-    _train(model, config, data, run_dir, desc=system.name, lr=opts.get("lr"))
-    preds = _generate(model, data.test, config)
-    trainable, total = _count(model)
-    return _Fitted(preds, model, _elapsed(run_dir) or time.perf_counter() - t0, trainable, total,
-                   run_dir=str(run_dir), note=f"vocabulary {len(vocab)} words; peak lr {opts.get('lr')}")
+    return _fit(model, system, config, data, run_dir,
+                note=f"vocabulary {len(vocab)} words; peak lr {opts.get('lr')}")
 
 
 class _ViTTokens(torch.nn.Module):
@@ -380,14 +387,9 @@ def _run_r2gengpt(system: System, config: BenchConfig, data: _Data, run_dir: Pat
     dim = get_preset(config.preset).encoder.dim
     head = VisualPrefixLM(lm, tokenizer, dim, typical_report_tokens=median_report_tokens(tokenizer, data.train.reports))
     model = ReportModel(_ViTTokens(data.image_size, dim), head)
-    t0 = time.perf_counter()
-    _train(model, config, data, run_dir, desc=system.name, lr=dict(system.options).get("lr"))
-    preds = _generate(model, data.test, config)
-    trainable, total = _count(model)
-    return _Fitted(preds, model, _elapsed(run_dir) or time.perf_counter() - t0, trainable, total,
-                   pretrain_s=_elapsed(lm_dir.parent), run_dir=str(run_dir),
-                   note="ViT trained from scratch (R2GenGPT starts from an ImageNet Swin); the frozen LM is "
-                        "MambaXray-VL's")
+    return _fit(model, system, config, data, run_dir, pretrain_s=_elapsed(lm_dir.parent),
+                note="ViT trained from scratch (R2GenGPT starts from an ImageNet Swin); the frozen LM is "
+                     "MambaXray-VL's")
 
 
 def _run_cvt2gpt2(system: System, config: BenchConfig, data: _Data, run_dir: Path) -> _Fitted:
@@ -396,14 +398,9 @@ def _run_cvt2gpt2(system: System, config: BenchConfig, data: _Data, run_dir: Pat
     lm_dir = _report_lm_dir(config, "gpt2", epochs=config.lm_epochs)     # the LM swap's GPT-2: the warm start
     torch.manual_seed(config.seed)
     model = CvT2GPT2(lm_dir, list(data.train.reports))
-    t0 = time.perf_counter()
-    _train(model, config, data, run_dir, desc=system.name, lr=dict(system.options).get("lr"))
-    preds = _generate(model, data.test, config)
-    trainable, total = _count(model)
-    return _Fitted(preds, model, _elapsed(run_dir) or time.perf_counter() - t0, trainable, total,
-                   pretrain_s=_elapsed(lm_dir.parent), run_dir=str(run_dir),
-                   note=f"decoder warm-started from the GPT-2 report LM ({config.lm_epochs:g} epochs) and trained; "
-                        "encoder from scratch (the original starts from ImageNet CvT-21 and DistilGPT2)")
+    return _fit(model, system, config, data, run_dir, pretrain_s=_elapsed(lm_dir.parent),
+                note=f"decoder warm-started from the GPT-2 report LM ({config.lm_epochs:g} epochs) and trained; "
+                     "encoder from scratch (the original starts from ImageNet CvT-21 and DistilGPT2)")
 
 
 def _pretrain_seconds(run_dir: Path) -> float:
