@@ -40,7 +40,7 @@ from cxpmrg_lib.stages.common import StageConfig, config_hash, resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SYSTEMS", "DEFAULT_SYSTEMS", "SMOKE_SYSTEMS", "notebook_config", "FROM_SCRATCH_LR", "System", "BenchConfig", "run_bench", "bench_dir", "read_results",
+__all__ = ["SYSTEMS", "DEFAULT_SYSTEMS", "SMOKE_SYSTEMS", "notebook_config", "for_dataset", "FROM_SCRATCH_LR", "System", "BenchConfig", "run_bench", "bench_dir", "read_results",
            "ranked_table", "per_label_f1", "pairwise_pvalues"]
 
 
@@ -108,6 +108,7 @@ class BenchConfig(StageConfig):
     lm_epochs: float = 2.0               # the LM swap: epochs of each fresh LM on the reports
     speed_studies: int = 32              # generation reports/s and peak memory: measured on this many test studies
     redo: list[str] = field(default_factory=list)   # systems to train and score again (their cached run is deleted)
+    jobs: int = 0                        # worker processes (cxpmrg_lib.parallel); 0: one per core on cpu, 1 on cuda
     n_boot: int = 1000
     earlier_epochs: float | None = None  # MambaXray-VL's earlier stages when they must be trained (smoke runs)
     checkpoint_every: int = 200
@@ -138,17 +139,37 @@ SMOKE_BUDGET = dict(epochs=1, val_studies=8, test_studies=16, earlier_epochs=1, 
                     lm_epochs=1)
 
 
+def _slugs(systems: str | list | None) -> list[str]:
+    return [s.strip() for s in systems.split(",") if s.strip()] if isinstance(systems, str) else list(systems or [])
+
+
 def notebook_config(dataset_root: str, dataset_kind: str = "auto", loader: dict | None = None, preset: str = "tiny",
                     run_root: str = "runs", seed: int = 0, device: str = "cpu", systems: str | list | None = "",
-                    epochs: float = 0, lm_epochs: float = 2.0, smoke: bool = False) -> BenchConfig:
+                    epochs: float = 0, lm_epochs: float = 2.0, smoke: bool = False, jobs: int = 0) -> BenchConfig:
     """The benchmark of the notebooks' parameters (04_benchmark runs it, 06_explore reads the same folder).
     `systems`: comma-separated slugs or a list; empty: the default list (the smoke list in a smoke run)."""
-    chosen = [s.strip() for s in systems.split(",") if s.strip()] if isinstance(systems, str) else list(systems or [])
+    chosen = _slugs(systems)
     if smoke and not chosen:
         chosen = list(SMOKE_SYSTEMS)
     budget = {"lm_epochs": lm_epochs, **({"epochs": epochs} if epochs else {}), **(SMOKE_BUDGET if smoke else {})}
     return BenchConfig(dataset_root=dataset_root, dataset_kind=dataset_kind, preset=preset, run_root=run_root,
-                       seed=seed, device=device, loader=loader or {}, systems=chosen or None, **budget)
+                       seed=seed, device=device, loader=loader or {}, systems=chosen or None, jobs=jobs, **budget)
+
+
+# The smoke run's systems on a second dataset (the iu-phantom of 04_benchmark).
+SMOKE_SECOND_SYSTEMS = ["most-common", "r2gen"]
+
+
+def for_dataset(config: BenchConfig, dataset_root: str, dataset_kind: str = "auto", systems: str | list | None = "",
+                smoke: bool = False) -> BenchConfig:
+    """The same protocol and budget on another dataset (04_benchmark's iu-phantom), with its own
+    systems (empty: the default list; in a smoke run SMOKE_SECOND_SYSTEMS)."""
+    from dataclasses import replace
+
+    chosen = list(SMOKE_SECOND_SYSTEMS) if smoke else _slugs(systems)
+    loader = {} if dataset_kind == "r2gen" else config.loader
+    return replace(config, dataset_root=dataset_root, dataset_kind=dataset_kind, loader=loader,
+                   systems=chosen or None, redo=[])
 
 
 def bench_dir(config: BenchConfig) -> Path:
@@ -158,7 +179,10 @@ def bench_dir(config: BenchConfig) -> Path:
 def read_results(path: str | Path) -> pd.DataFrame:
     """results.csv of a benchmark folder (or the file itself)."""
     path = Path(path)
-    return pd.read_csv(path / "results.csv" if path.is_dir() else path)
+    table = pd.read_csv(path / "results.csv" if path.is_dir() else path)
+    if "threads" not in table:            # rows written before the benchmark ran in workers
+        table["threads"] = np.nan
+    return table
 
 
 # ----------------------------------------------------------------------------- data shared by the runners
@@ -427,15 +451,20 @@ def _pretrain_seconds(run_dir: Path) -> float:
     return total
 
 
-def _run_mamba(system: System, config: BenchConfig, data: _Data, run_dir: Path) -> _Fitted:
-    from cxpmrg_lib.stages.report import FinetuneConfig, finetune_report, load_report_model
+def _mamba_config(system: System, config: BenchConfig):
+    from cxpmrg_lib.stages.report import FinetuneConfig
 
-    opts = dict(system.options)
-    cfg = FinetuneConfig(**config.shared(), epochs=config.epochs, max_steps=config.max_steps,
-                         batch_size=config.batch_size, lr=config.lr, init=opts["init"], val_studies=config.val_studies,
-                         test_studies=config.test_studies, earlier_epochs=config.earlier_epochs,
-                         checkpoint_every=config.checkpoint_every, **config.decoding())
-    run = finetune_report(cfg)
+    return FinetuneConfig(**config.shared(), epochs=config.epochs, max_steps=config.max_steps,
+                          batch_size=config.batch_size, lr=config.lr, init=dict(system.options)["init"],
+                          val_studies=config.val_studies, test_studies=config.test_studies,
+                          earlier_epochs=config.earlier_epochs, checkpoint_every=config.checkpoint_every,
+                          **config.decoding())
+
+
+def _run_mamba(system: System, config: BenchConfig, data: _Data, run_dir: Path) -> _Fitted:
+    from cxpmrg_lib.stages.report import finetune_report, load_report_model
+
+    run = finetune_report(_mamba_config(system, config))
     preds = pd.read_csv(run / "predictions_test.csv", dtype={"study_id": str}, keep_default_na=False)
     if list(preds["study_id"]) != [str(s) for s in data.test.study_ids]:
         raise RuntimeError(f"{run}: its test predictions are not of this benchmark's test studies")
@@ -582,14 +611,84 @@ def _append_row(path: Path, row: dict) -> pd.DataFrame:
     return table
 
 
+# Submission order of the rows: MambaXray-VL first (every row is tested against it), then the longest
+# trainings, so that with several workers no long job starts last while the others stand idle.
+_ORDER = {"mamba": 0, "zoo": 1, "cvt2gpt2": 1, "r2gengpt": 1, "lm_swap": 2, "nearest": 3, "most_common": 3}
+_DATA: dict[str, _Data] = {}
+
+
+def _data_for(config: BenchConfig) -> _Data:
+    """The benchmark's studies, decoded once per process (a worker keeps them for its next rows)."""
+    key = config_hash(config.protocol())
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = _load_data(config)
+    return _DATA[key]
+
+
+def _fit_row(config: BenchConfig, slug: str) -> dict:
+    """Train (or reuse) one system and write its test predictions; its row without the scores.
+    A job of its own: run_bench may run several in worker processes."""
+    data = _data_for(config)
+    out, system, protocol = bench_dir(config), SYSTEMS[slug], config.protocol()
+    run_dir = out / slug / _row_hash(protocol, system)
+    if slug in config.redo and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("benchmark: %s", system.name)
+    t0 = time.perf_counter()
+    fitted = _RUNNERS[system.kind](system, config, data, run_dir)
+    frame = pd.DataFrame({"study_id": [str(s) for s in data.test.study_ids],
+                          "reference": list(data.test.reports), "prediction": fitted.predictions})
+    with atomic_path(out / "predictions" / f"{slug}.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    row = {"system": slug, "name": system.name, "family": system.family, "paper": system.paper,
+           "protocol": _row_hash(protocol, system), "n_test": len(frame)}
+    measured = _speed(fitted, system, config, data)
+    measured.update({"train_min": fitted.train_s / 60, "pretrain_min": fitted.pretrain_s / 60,
+                     "trainable_m": fitted.trainable / 1e6, "total_m": fitted.total / 1e6,
+                     "wall_min": (time.perf_counter() - t0) / 60, "threads": torch.get_num_threads(),
+                     "run_dir": fitted.run_dir, "note": fitted.note})
+    return {"row": row, "measured": measured}
+
+
+def _earlier_runs(config: BenchConfig, slugs: list[str]) -> tuple[list, list[str]]:
+    """The earlier-stage runs (stages 1-2, report LMs) the systems need, each once, as calls and labels:
+    trained as a first wave, so that no row waits for another row to train what both need."""
+    from functools import partial
+
+    from cxpmrg_lib.stages.report import prerequisites
+
+    calls: dict[str, tuple] = {}
+
+    def add(call, label: str) -> None:
+        calls.setdefault(f"{call.func.__qualname__}{call.args!r}{sorted(call.keywords.items())!r}", (call, label))
+
+    for slug in slugs:
+        kind, options = SYSTEMS[slug].kind, dict(SYSTEMS[slug].options)
+        if kind == "mamba":
+            for call in prerequisites(_mamba_config(SYSTEMS[slug], config)):
+                add(call, f"{call.func.__name__} for {SYSTEMS[slug].name}")
+        if kind in ("nearest", "lm_swap"):
+            add(partial(_stage2_run, config), "stage 2")
+        if kind == "r2gengpt":
+            add(partial(_report_lm_dir, config, epochs=config.earlier_epochs), "report LM (llama)")
+        if kind in ("lm_swap", "cvt2gpt2"):
+            arch = options.get("arch", "gpt2")
+            add(partial(_report_lm_dir, config, arch, epochs=config.lm_epochs), f"report LM ({arch})")
+    return [c for c, _ in calls.values()], [label for _, label in calls.values()]
+
+
 def run_bench(config: BenchConfig) -> Path:
-    """Run every asked-for system not yet in results.csv under this protocol; returns the bench folder."""
-    from cxpmrg_lib.progress import tqdm
+    """Run every asked-for system not yet in results.csv under this protocol; returns the bench folder.
+
+    Systems train side by side in `config.jobs` worker processes (see cxpmrg_lib.parallel); each
+    row is scored here and appended to results.csv as soon as it and the reference are done."""
+    from functools import partial
+
+    from cxpmrg_lib.parallel import Workers, call
 
     slugs = list(config.systems or DEFAULT_SYSTEMS)
-    if REFERENCE in slugs:                       # the reference first: every later row is tested against it
-        slugs.remove(REFERENCE)
-        slugs.insert(0, REFERENCE)
     out = bench_dir(config)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     protocol = config.protocol()
@@ -602,31 +701,34 @@ def run_bench(config: BenchConfig) -> Path:
     if not todo:
         log.info("benchmark: all %d systems already in %s", len(slugs), results)
         return out
-    data = _load_data(config)
+    todo.sort(key=lambda s: (s != REFERENCE, _ORDER.get(SYSTEMS[s].kind, 1)))
     ref_path = out / "predictions" / f"{REFERENCE}.csv"
-    for slug in tqdm(todo, desc="benchmark", unit="system"):
-        system = SYSTEMS[slug]
-        run_dir = out / slug / _row_hash(protocol, system)
-        if slug in config.redo and run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log.info("benchmark: %s", system.name)
-        t0 = time.perf_counter()
-        fitted = _RUNNERS[system.kind](system, config, data, run_dir)
-        frame = pd.DataFrame({"study_id": [str(s) for s in data.test.study_ids],
-                              "reference": list(data.test.reports), "prediction": fitted.predictions})
-        pred_path = out / "predictions" / f"{slug}.csv"
-        with atomic_path(pred_path) as tmp:
-            frame.to_csv(tmp, index=False)
-        row = {"system": slug, "name": system.name, "family": system.family, "paper": system.paper,
-               "protocol": _row_hash(protocol, system), "n_test": len(frame)}
-        row.update(_score(pred_path, ref_path if ref_path.exists() else None, config))
-        row.update(_speed(fitted, system, config, data))
-        row.update({"train_min": fitted.train_s / 60, "pretrain_min": fitted.pretrain_s / 60,
-                    "trainable_m": fitted.trainable / 1e6, "total_m": fitted.total / 1e6,
-                    "wall_min": (time.perf_counter() - t0) / 60, "run_dir": fitted.run_dir, "note": fitted.note})
+    waiting: list[dict] = []        # rows done before the reference they are tested against
+    reference_pending = REFERENCE in todo
+
+    def finish(job: dict) -> None:
+        pred_path = out / "predictions" / f"{job['row']['system']}.csv"
+        row = {**job["row"], **_score(pred_path, ref_path if ref_path.exists() else None, config),
+               **job["measured"]}
         _append_row(results, row)
-        log.info("benchmark: %s done: BLEU-4 %.3f, CE-F1 %.3f", system.name, row["bleu4"], row["ce_f1"])
+        log.info("benchmark: %s done: BLEU-4 %.3f, CE-F1 %.3f", row["name"], row["bleu4"], row["ce_f1"])
+
+    try:
+        with Workers(config.jobs, config.device, tasks=len(todo)) as workers:
+            calls, labels = _earlier_runs(config, todo)
+            for _ in workers.run(call, calls, labels, desc="earlier stages"):
+                pass
+            for _, job in workers.run(partial(_fit_row, config), todo, [SYSTEMS[s].name for s in todo],
+                                      desc="benchmark"):
+                if reference_pending and job["row"]["system"] != REFERENCE:
+                    waiting.append(job)
+                    continue
+                reference_pending = False
+                for ready in [job] + waiting:
+                    finish(ready)
+                waiting.clear()
+    finally:
+        _DATA.clear()
     return out
 
 

@@ -32,7 +32,7 @@ from cxpmrg_lib.fileio import write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["benchmark_report", "format_report_table", "PeakMemory"]
+__all__ = ["benchmark_report", "format_report_table", "benchmark_side_by_side", "format_side_by_side", "PeakMemory"]
 
 GOAL_500_REPORTS_S = 300.0
 
@@ -231,4 +231,46 @@ def format_report_table(result: dict) -> str:
                      f"(goal {result['goal_500_reports_s']:.0f} s: "
                      f"{'met' if default['seconds_per_500'] <= result['goal_500_reports_s'] else 'MISSED'})")
     lines.append(f"peak resident memory of the largest phase (model, data and work): {result['peak_rss_mib']:.0f} MiB")
+    return "\n".join(lines)
+
+
+def benchmark_side_by_side(dataset_root: str | os.PathLike, preset: str = "tiny", jobs: int | None = None,
+                           kind: str = "auto", loader: dict | None = None, batch: int = 16, train_steps: int = 10,
+                           out_json: str | Path | None = None, seed: int = 0) -> dict:
+    """Stage-3 training throughput of one process using every core (the baseline) against `jobs`
+    processes side by side with cores / jobs threads each (what cxpmrg_lib.parallel does), with the
+    encoder trained (stage 3) and frozen (the frozen-LM head alone, as in the LM swap). Each process
+    loads its model and data, then times its steps; the side-by-side processes start together."""
+    import multiprocessing as mp
+
+    cores = os.cpu_count() or 1
+    jobs = jobs or max(2, min(cores, 4))
+    base = {"dataset_root": str(dataset_root), "run_dir": None, "preset": preset, "kind": kind, "loader": loader,
+            "batch": batch, "steps": train_steps, "seed": seed, "phase": "train"}
+    ctx = mp.get_context("spawn")
+    rows = []
+    for freeze in (False, True):
+        with ctx.Pool(1) as pool:
+            alone = pool.apply(_phase, ({**base, "freeze": freeze, "threads": cores},))
+        with ctx.Pool(jobs) as pool:
+            side = pool.map(_phase, [{**base, "freeze": freeze, "threads": max(1, cores // jobs)}] * jobs)
+        rows.append({"phase": alone["phase"], "alone_studies_per_s": alone["studies_per_s"],
+                     "side_by_side_studies_per_s": sum(r["studies_per_s"] for r in side),
+                     "per_process_studies_per_s": [r["studies_per_s"] for r in side]})
+        rows[-1]["speedup"] = rows[-1]["side_by_side_studies_per_s"] / rows[-1]["alone_studies_per_s"]
+    result = {"cores": cores, "jobs": jobs, "threads_each": max(1, cores // jobs), "batch": batch,
+              "train_steps": train_steps, "preset": preset, "torch": torch.__version__,
+              "machine": platform.platform(), "rows": rows}
+    if out_json is not None:
+        write_json(Path(out_json), result)
+    return result
+
+
+def format_side_by_side(result: dict) -> str:
+    lines = [f"stage-3 training: 1 process x {result['cores']} threads against {result['jobs']} processes x "
+             f"{result['threads_each']} thread(s) side by side (batch {result['batch']}, untrained {result['preset']})",
+             f"{'':<28}{'alone studies/s':>17}{'side by side':>14}{'speed-up':>10}"]
+    for r in result["rows"]:
+        lines.append(f"{r['phase']:<28}{r['alone_studies_per_s']:>17.1f}{r['side_by_side_studies_per_s']:>14.1f}"
+                     f"{r['speedup']:>9.2f}x")
     return "\n".join(lines)

@@ -31,6 +31,9 @@ SMOKE_PARAMS = {
     "iu_limit": 120,
     "iu_studies": 120,
     "smoke": True,
+    # A smoke run's trainings take seconds: starting worker processes (cxpmrg_lib.parallel) would cost
+    # more than they save (02-04 measured 50 s serial against 240 s with workers).
+    "jobs": 1,
 }
 
 

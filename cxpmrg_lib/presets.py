@@ -41,7 +41,7 @@ PRESETS: dict[str, Preset] = {
         name="tiny",
         arm=ARMConfig(encoder=EncoderConfig(image_size=128, patch_size=16, dim=128, depth=8),
                       decoder_dim=128, decoder_heads=4, feature_layers=(2, 4, 6, 8)),
-        stage1=dict(batch_size=32, lr=1.5e-3, weight_decay=0.05, epochs=6, min_lr_ratio=0.05, clip_grad=1.0),
+        stage1=dict(batch_size=32, lr=1.5e-3, weight_decay=0.05, epochs=8, min_lr_ratio=0.05, clip_grad=1.0),
         text=TextEncoderConfig(hidden=128, layers=2, heads=4, max_length=128),
         proj_dim=256,
         stage2=dict(batch_size=32, lr=5e-4, weight_decay=0.05, epochs=3, min_lr_ratio=0.05, clip_grad=1.0),

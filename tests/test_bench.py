@@ -23,8 +23,8 @@ def test_smoke_bench_four_systems(phantom, tmp_path):
     cfg = BenchConfig(dataset_root=str(phantom), run_root=str(tmp_path / "runs"), device="cpu", max_steps=2,
                       batch_size=4, val_studies=4, test_studies=6, earlier_epochs=0.1, n_boot=50, speed_studies=4,
                       systems=["most-common", "cvt2gpt2", "transformer", "mambaxray-vl"], num_beams=2,
-                      lm_epochs=0.2)
-    out = run_bench(cfg)
+                      lm_epochs=0.2, jobs=2)
+    out = run_bench(cfg)          # two worker processes; the cvt2gpt2 row's GPT-2 LM is an earlier-stage job
     table = read_results(out)
     # the reference first, then the registry's order
     assert list(table["system"]) == ["mambaxray-vl", "most-common", "transformer", "cvt2gpt2"]
@@ -48,7 +48,7 @@ def test_smoke_bench_four_systems(phantom, tmp_path):
     mtime = (out / "results.csv").stat().st_mtime_ns
     assert run_bench(cfg) == out and (out / "results.csv").stat().st_mtime_ns == mtime
     from dataclasses import replace
-    run_bench(replace(cfg, redo=["most-common"]))                     # asked for: that row is redone
+    run_bench(replace(cfg, redo=["most-common"], jobs=1))             # asked for: that row is redone, in-process
     assert (out / "results.csv").stat().st_mtime_ns != mtime and len(read_results(out)) == 4
     shown = ranked_table(table)
     assert shown.shape == (4, 7) and sum("<b>" in c for c in shown["bleu4"]) >= 1

@@ -127,3 +127,30 @@ def test_cli_pretrain_contrastive_and_unfinished_stage1(phantom, tmp_path, capsy
     (half / "config.yaml").write_text("config: {preset: tiny}\nresolved: {stage: autoregressive}\n")
     with pytest.raises(RunError, match="unfinished stage-1"):
         four_way_encoder("tiny", half)
+
+
+def test_stage_runs_are_the_runs_of_the_stage(phantom, tmp_path):
+    """contrastive_runs and finetune_runs (02's and 03's notebooks) return what the stage function called
+    alone finds (same hashed folders, finished). One job here (test_bench and test_parallel run the
+    worker processes); what a worker gets must pickle."""
+    import pickle
+    from functools import partial
+
+    from cxpmrg_lib.stages import (ContrastiveConfig, FinetuneConfig, contrastive_runs, finetune_runs,
+                                   finetune_report, pretrain_contrastive)
+
+    common = dict(dataset_root=str(phantom), run_root=str(tmp_path / "runs"), max_steps=1, batch_size=4,
+                  checkpoint_every=0, device="cpu")
+    configs = {"stage 1 + 2": ContrastiveConfig(**common, init="stage1", stage1_epochs=0.1),
+               "random": ContrastiveConfig(**common, init="random")}
+    runs = contrastive_runs(configs, jobs=1)
+    assert list(runs) == list(configs) and runs["stage 1 + 2"] != runs["random"]
+    for name, config in configs.items():
+        assert pretrain_contrastive(config) == runs[name] and read_summary(runs[name])["steps"] == 1
+    stage3 = {init: FinetuneConfig(**common, init=init, earlier_epochs=0.1, val_studies=4, test_studies=4,
+                                   num_beams=1) for init in ("random", "stage1")}
+    done = finetune_runs(stage3, jobs=1)
+    for init, config in stage3.items():
+        assert finetune_report(config) == done[init] and read_summary(done[init])["test_studies"] == 4
+        job = pickle.loads(pickle.dumps(partial(finetune_report, config)))
+        assert job.args[0] == config

@@ -9,11 +9,13 @@ from cxpmrg_lib.stages.autoregressive import (AutoregressiveConfig, autoregressi
                                               pretrain_autoregressive)
 from cxpmrg_lib.stages.common import RunError, config_hash, read_summary, require_run, resolve_device, run_dir_for
 from cxpmrg_lib.stages.contrastive import (ContrastiveConfig, contrastive_embeddings, contrastive_retrieval,
+                                           contrastive_runs,
                                            four_way_encoder, load_contrastive, pretrain_contrastive)
-from cxpmrg_lib.stages.report import (FinetuneConfig, ReportLMStageConfig, finetune_report, load_report_model,
+from cxpmrg_lib.stages.report import (FinetuneConfig, ReportLMStageConfig, finetune_report, finetune_runs,
+                                     load_report_model,
                                      pretrain_report_lm, report_examples)
 
-__all__ = ["FinetuneConfig", "ReportLMStageConfig", "finetune_report", "load_report_model", "pretrain_report_lm",
+__all__ = ["FinetuneConfig", "ReportLMStageConfig", "finetune_report", "finetune_runs", "contrastive_runs", "load_report_model", "pretrain_report_lm",
            "report_examples", "AutoregressiveConfig", "autoregressive_examples", "load_autoregressive", "pretrain_autoregressive",
            "RunError", "require_run", "config_hash", "read_summary", "resolve_device", "run_dir_for", "ContrastiveConfig",
            "contrastive_embeddings", "contrastive_retrieval", "four_way_encoder", "load_contrastive",

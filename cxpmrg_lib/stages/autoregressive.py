@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 
-from cxpmrg_lib.fileio import write_json
 from cxpmrg_lib.presets import get_preset
 from cxpmrg_lib.stage_data import load_split
-from cxpmrg_lib.stages.common import StageConfig, read_summary, require_run, resolve_device, start_run
+from cxpmrg_lib.stages.common import StageConfig, read_summary, require_run, resolve_device, start_run, finish_run
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ def pretrain_autoregressive(config: AutoregressiveConfig) -> Path:
                                **settings)
     result = train(model, dataset, _arm_loss, train_config, run_dir, model_config=preset.arm.to_dict(),
                    desc="stage 1 (autoregressive)")
-    write_json(run_dir / "summary.json", {"stage": "autoregressive", "config_hash": run_dir.name, "steps": result.steps,
+    finish_run(run_dir, {"stage": "autoregressive", "config_hash": run_dir.name, "steps": result.steps,
                               "final_loss": result.final_loss, "train_images": len(dataset),
                               "skipped_images": len(getattr(dataset, "bad_images", [])),
                               "preset": config.preset, "dataset": payload["dataset"]})

@@ -11,15 +11,16 @@ from pathlib import Path
 import torch
 import yaml
 
+from cxpmrg_lib import runlock
 from cxpmrg_lib.errors import RunError
-from cxpmrg_lib.fileio import write_text
+from cxpmrg_lib.fileio import write_json, write_text
 from cxpmrg_lib.presets import get_preset
 from cxpmrg_lib.stage_data import DEFAULT_LOADER
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StageConfig", "config_hash", "run_dir_for", "resolve_device", "read_summary", "start_run", "RunError",
-           "require_run"]
+__all__ = ["StageConfig", "config_hash", "run_dir_for", "resolve_device", "read_summary", "start_run", "finish_run",
+           "RunError", "require_run"]
 
 
 @dataclass
@@ -85,15 +86,29 @@ def run_dir_for(run_root: str | os.PathLike, dataset_root: str | os.PathLike, pr
 
 def start_run(config: StageConfig, stage: str, payload: dict, label: str) -> tuple[Path, bool]:
     """(run directory, finished). A finished run (summary.json present) is reused as is; a new or
-    interrupted one gets its config.yaml (the config and the hashed payload) written."""
+    interrupted one is held for this process (another process training it is waited for: see
+    runlock) and gets its config.yaml (the config and the hashed payload) written. The stage
+    ends it with `finish_run`."""
     run_dir = run_dir_for(config.run_root, config.dataset_root, config.preset, stage, payload)
     if (run_dir / "summary.json").exists():
         log.info("%s: reusing finished run %s", label, run_dir)
         return run_dir, True
     run_dir.mkdir(parents=True, exist_ok=True)
+    runlock.claim(run_dir, label)
+    if (run_dir / "summary.json").exists():          # another process finished it while this one waited
+        runlock.release(run_dir)
+        log.info("%s: reusing run %s, finished by another process", label, run_dir)
+        return run_dir, True
     write_text(run_dir / "config.yaml", yaml.safe_dump({"config": asdict(config), "resolved": payload},
                                                        sort_keys=False))
     return run_dir, False
+
+
+def finish_run(run_dir: Path, summary: dict) -> Path:
+    """Write a run's summary.json (its presence marks the run finished) and release the run."""
+    write_json(Path(run_dir) / "summary.json", summary)
+    runlock.release(run_dir)
+    return Path(run_dir)
 
 
 def resolve_device(device: str) -> str:

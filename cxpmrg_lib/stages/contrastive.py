@@ -11,14 +11,13 @@ import torch
 from cxpmrg_lib.progress import tqdm
 
 from cxpmrg_lib.data.dataset import collate_studies
-from cxpmrg_lib.fileio import write_json
 from cxpmrg_lib.presets import get_preset
 from cxpmrg_lib.stages.autoregressive import AutoregressiveConfig, load_autoregressive, pretrain_autoregressive
-from cxpmrg_lib.stages.common import StageConfig, require_run, resolve_device, start_run
+from cxpmrg_lib.stages.common import StageConfig, require_run, resolve_device, start_run, finish_run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ContrastiveConfig", "pretrain_contrastive", "contrastive_embeddings", "contrastive_retrieval",
+__all__ = ["ContrastiveConfig", "pretrain_contrastive", "contrastive_runs", "contrastive_embeddings", "contrastive_retrieval",
            "load_contrastive", "four_way_encoder"]
 
 
@@ -119,13 +118,27 @@ def pretrain_contrastive(config: ContrastiveConfig) -> Path:
     retrieval = {split: contrastive_retrieval(model, config.dataset_root, split, config.dataset_kind,
                                               config.loader, config.max_images)
                  for split in ("val", "test")}
-    write_json(run_dir / "summary.json", {"stage": "contrastive", "config_hash": run_dir.name, "init": config.init,
+    finish_run(run_dir, {"stage": "contrastive", "config_hash": run_dir.name, "init": config.init,
                                           "stage1_run": str(stage1_dir) if stage1_dir else None,
                                           "steps": result.steps, "final_loss": result.final_loss,
                                           "train_studies": len(studies), "retrieval": retrieval,
                                           "skipped_images": len(getattr(studies, "bad_images", [])),
                                           "preset": config.preset, "dataset": payload["dataset"]})
     return run_dir
+
+
+def contrastive_runs(configs: dict[str, ContrastiveConfig], jobs: int = 0) -> dict[str, Path]:
+    """Several stage-2 runs (02_contrastive's stage-1 and random inits): name -> run directory.
+    Stage 1 is trained first, here, when a run needs it; then the runs train side by side in
+    `jobs` worker processes (cxpmrg_lib.parallel; 0: automatic)."""
+    from cxpmrg_lib.parallel import map_parallel
+
+    for config in configs.values():
+        if config.init == "stage1":
+            pretrain_autoregressive(config.stage1_config())
+    device = next(iter(configs.values())).device if configs else "cpu"
+    return dict(zip(configs, map_parallel(pretrain_contrastive, list(configs.values()), jobs, device,
+                                          labels=[f"stage 2 {name}" for name in configs], desc="stage 2")))
 
 
 @torch.no_grad()

@@ -26,11 +26,12 @@ from cxpmrg_lib.data.dataset import collate_studies
 from cxpmrg_lib.fileio import atomic_path, write_json
 from cxpmrg_lib.presets import get_preset
 from cxpmrg_lib.stage_data import load_studies, split_table
-from cxpmrg_lib.stages.common import RunError, StageConfig, read_summary, require_run, resolve_device, start_run
+from cxpmrg_lib.stages.common import RunError, StageConfig, read_summary, require_run, resolve_device, start_run, finish_run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReportLMStageConfig", "pretrain_report_lm", "FinetuneConfig", "finetune_report", "load_report_model",
+__all__ = ["ReportLMStageConfig", "pretrain_report_lm", "FinetuneConfig", "finetune_report", "finetune_runs",
+           "prerequisites", "load_report_model",
            "report_examples", "generate_reports", "compare_runs", "validation_fn", "INITS"]
 
 # stage2: stages 1 + 2 (the full model); stage1: stage 1 only; random: neither;
@@ -98,7 +99,7 @@ def pretrain_report_lm(config: ReportLMStageConfig) -> Path:
     lm_dir = run_dir / "lm"
     lm.cpu().save_pretrained(lm_dir)
     tokenizer.save_pretrained(lm_dir)
-    write_json(run_dir / "summary.json", {"stage": "report_lm", "config_hash": run_dir.name, "steps": result.steps,
+    finish_run(run_dir, {"stage": "report_lm", "config_hash": run_dir.name, "steps": result.steps,
                                           "final_loss": result.final_loss, "train_reports": len(reports),
                                           "lm_dir": str(lm_dir), "arch": config.arch,
                                           "parameters_m": sum(p.numel() for p in lm.parameters()) / 1e6})
@@ -131,26 +132,52 @@ class FinetuneConfig(StageConfig):
             raise ValueError(f"init must be one of {INITS}, not {self.init!r}")
 
 
-def _encoder_for(config: FinetuneConfig):
+def _encoder_call(config: FinetuneConfig):
+    """The earlier-stage run the encoder starts from, as a call (None: a random encoder)."""
+    from functools import partial
+
     from cxpmrg_lib.stages.autoregressive import AutoregressiveConfig, pretrain_autoregressive
-    from cxpmrg_lib.stages.contrastive import ContrastiveConfig, four_way_encoder, load_contrastive, pretrain_contrastive
+    from cxpmrg_lib.stages.contrastive import ContrastiveConfig, pretrain_contrastive
 
     common = config.shared()
     if config.init == "random":
-        return four_way_encoder(config.preset, None), None
+        return None
     if config.init == "stage1":
-        run = pretrain_autoregressive(AutoregressiveConfig(**common, epochs=config.earlier_epochs))
+        return partial(pretrain_autoregressive, AutoregressiveConfig(**common, epochs=config.earlier_epochs))
+    return partial(pretrain_contrastive, ContrastiveConfig(
+        **common, init="random" if config.init == "stage2_random" else "stage1", epochs=config.earlier_epochs,
+        stage1_epochs=config.earlier_epochs))
+
+
+def _lm_call(config: FinetuneConfig):
+    """The report-LM run stage 3 needs, as a call (None with a local pretrained LM)."""
+    from functools import partial
+
+    if config.lm_pretrained:
+        return None
+    return partial(pretrain_report_lm, ReportLMStageConfig(**config.shared(), epochs=config.earlier_epochs))
+
+
+def prerequisites(config: FinetuneConfig) -> list:
+    """The earlier runs a stage-3 run needs (its encoder's stage, the report LM), as calls that
+    train each one or find it finished; run them before training several stage-3 runs at once."""
+    return [call for call in (_encoder_call(config), _lm_call(config)) if call is not None]
+
+
+def _encoder_for(config: FinetuneConfig):
+    from cxpmrg_lib.stages.contrastive import four_way_encoder, load_contrastive
+
+    call = _encoder_call(config)
+    run = call() if call is not None else None
+    if config.init in ("random", "stage1"):
         return four_way_encoder(config.preset, run), run
-    run = pretrain_contrastive(ContrastiveConfig(**common, init="random" if config.init == "stage2_random" else "stage1",
-                                                 epochs=config.earlier_epochs, stage1_epochs=config.earlier_epochs))
     return load_contrastive(run).image_encoder, run
 
 
 def _lm_dir(config: FinetuneConfig) -> Path:
     if config.lm_pretrained:
         return Path(config.lm_pretrained)
-    run = pretrain_report_lm(ReportLMStageConfig(**config.shared(), epochs=config.earlier_epochs))
-    return run / "lm"
+    return _lm_call(config)() / "lm"
 
 
 def _decoding(config: FinetuneConfig) -> dict:
@@ -214,8 +241,23 @@ def finetune_report(config: FinetuneConfig) -> Path:
                "typical_report_tokens": typical, "truncated_reports": truncated,
                "skipped_images": len(getattr(studies, "bad_images", [])) + len(getattr(val, "bad_images", []))}
     summary.update(_test_predictions(model, config, run_dir))
-    write_json(run_dir / "summary.json", summary)
+    finish_run(run_dir, summary)
     return run_dir
+
+
+def finetune_runs(configs: dict[str, FinetuneConfig], jobs: int = 0) -> dict[str, Path]:
+    """Several stage-3 runs (03_finetune's three inits): name -> run directory.
+
+    What they share (the report LM, the earlier stages) is trained first, here; then the runs
+    train side by side in `jobs` worker processes (cxpmrg_lib.parallel; 0: automatic)."""
+    from cxpmrg_lib.parallel import map_parallel
+
+    for config in configs.values():
+        for call in prerequisites(config):
+            call()
+    device = next(iter(configs.values())).device if configs else "cpu"
+    return dict(zip(configs, map_parallel(finetune_report, list(configs.values()), jobs, device,
+                                          labels=[f"stage 3 {name}" for name in configs], desc="stage 3")))
 
 
 def validation_fn(val, decoding: dict):
