@@ -87,10 +87,15 @@ SYSTEMS: dict[str, System] = {s.slug: s for s in [
     System("lm-mistral", "LM swap: Mistral", "LM swap", "lm_swap", "Jiang et al., 2023 (Mistral 7B)",
            (("arch", "mistral"),)),
 ]}
-# The default benchmark (make book); lm-mistral is there on request (a Llama with sliding-window attention).
+# The default benchmark (make book). The LM swap's default pair is Llama (MambaXray-VL's LM) and GPT-2 (whose
+# report LM the CvT2DistilGPT2-style system starts from, so it costs no extra LM); lm-qwen2, lm-phi and
+# lm-mistral (a Llama with sliding-window attention) are there on request: about 2.5 minutes each on 2 cores,
+# which the 45-minute book could not afford.
 DEFAULT_SYSTEMS = ["mambaxray-vl", "most-common", "nearest-neighbour", "transformer", "r2gen", "r2gencmn",
                    "cvt2gpt2", "r2gengpt", "mambaxray-vl-no-stage1", "mambaxray-vl-no-stage2", "mambaxray-vl-no-pretraining",
-                   "lm-llama", "lm-qwen2", "lm-gpt2", "lm-phi"]
+                   "lm-llama", "lm-gpt2"]
+# The whole language-model swap: -p systems with these added to the default list.
+LM_SWAP_SYSTEMS = ["lm-llama", "lm-qwen2", "lm-gpt2", "lm-phi", "lm-mistral"]
 REFERENCE = "mambaxray-vl"
 
 
@@ -161,15 +166,19 @@ SMOKE_SECOND_SYSTEMS = ["most-common", "r2gen"]
 
 
 def for_dataset(config: BenchConfig, dataset_root: str, dataset_kind: str = "auto", systems: str | list | None = "",
-                smoke: bool = False) -> BenchConfig:
+                smoke: bool = False, jobs: int = 1) -> BenchConfig:
     """The same protocol and budget on another dataset (04_benchmark's iu-phantom), with its own
-    systems (empty: the default list; in a smoke run SMOKE_SECOND_SYSTEMS)."""
+    systems (empty: the default list; in a smoke run SMOKE_SECOND_SYSTEMS).
+
+    `jobs` is 1 by default: on a new dataset most of the work is MambaXray-VL's chain of stages
+    (1, then 2, then 3), which waits for itself; in a worker with half the cores it ran about twice
+    as slowly (iu-phantom: 9 minutes against 5 in one process)."""
     from dataclasses import replace
 
     chosen = list(SMOKE_SECOND_SYSTEMS) if smoke else _slugs(systems)
     loader = {} if dataset_kind == "r2gen" else config.loader
     return replace(config, dataset_root=dataset_root, dataset_kind=dataset_kind, loader=loader,
-                   systems=chosen or None, redo=[])
+                   systems=chosen or None, redo=[], jobs=jobs)
 
 
 def bench_dir(config: BenchConfig) -> Path:

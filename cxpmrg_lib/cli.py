@@ -126,7 +126,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         return 0
     common = _stage_common(a)
     out = run_bench(BenchConfig(**common, systems=a.systems, test_studies=a.test_studies, num_beams=a.beams,
-                                lm_epochs=a.lm_epochs, n_boot=a.n_boot, redo=a.redo))
+                                lm_epochs=a.lm_epochs, n_boot=a.n_boot, redo=a.redo, jobs=a.jobs))
     table = read_results(out)
     cols = ["name", "bleu4", "rouge_l", "meteor", "cider", "ce_f1", "train_min", "trainable_m", "reports_per_s"]
     print(table[[c for c in cols if c in table]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--beams", type=int, default=3)
     bn.add_argument("--lm-epochs", type=float, default=2.0, help="epochs of each fresh LM of the LM swap")
     bn.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs and paired tests")
+    bn.add_argument("--jobs", type=int, default=0,
+                    help="systems trained side by side in worker processes; 0: one per CPU core (1 on cuda)")
     bn.set_defaults(func=_cmd_bench)
 
     # finetune

@@ -309,15 +309,27 @@ def full_benchmark(run_root: str | os.PathLike, name: str) -> dict | None:
 
 
 def full_benchmark_view(run_root: str | os.PathLike, name: str):
-    """The table of `make bench`'s full measurement (name "scan" or "encoder"), or a Markdown line saying
-    how to get it."""
+    """The table of `make bench`'s full measurement (name "scan", "encoder" or "side_by_side"), or a
+    Markdown line saying how to get it."""
     from IPython.display import Markdown
 
     result = full_benchmark(run_root, name)
     if result is None:
-        return Markdown(f"The full {name} benchmark has not been run on this machine (`make bench` writes "
-                        f"`{Path(run_root) / 'perf' / (name + '.json')}`; benchmarks/bench_{name}.py).")
+        script = "parallel" if name == "side_by_side" else name
+        return Markdown(f"The full {name.replace('_', '-')} benchmark has not been run on this machine (`make bench` "
+                        f"writes `{Path(run_root) / 'perf' / (name + '.json')}`; benchmarks/bench_{script}.py).")
+    if name == "side_by_side":
+        return side_by_side_table(result)
     return scan_table(result).round(3) if name == "scan" else encoder_table(result).round(3)
+
+
+def side_by_side_table(result: dict) -> pd.DataFrame:
+    """Stage-3 training studies/s: one process on every core against worker processes side by side."""
+    alone = f"1 process x {result['cores']} threads"
+    side = f"{result['jobs']} processes x {result['threads_each']} thread(s)"
+    return pd.DataFrame([{"training": r["phase"], f"{alone}, studies/s": round(r["alone_studies_per_s"], 1),
+                          f"{side}, studies/s": round(r["side_by_side_studies_per_s"], 1),
+                          "speed-up": round(r["speedup"], 2)} for r in result["rows"]]).set_index("training")
 
 
 # ----------------------------------------------------------------------------- (3) stage wall times

@@ -47,7 +47,7 @@ PRESETS: dict[str, Preset] = {
         stage2=dict(batch_size=32, lr=5e-4, weight_decay=0.05, epochs=3, min_lr_ratio=0.05, clip_grad=1.0),
         report_lm=ReportLMConfig(hidden_size=192, num_layers=4, num_heads=6, intermediate_size=512, max_position=320),
         lm_stage=dict(batch_size=32, lr=1e-3, weight_decay=0.05, epochs=6, min_lr_ratio=0.05, clip_grad=1.0),
-        stage3=dict(batch_size=16, lr=3e-4, weight_decay=0.05, epochs=3, min_lr_ratio=0.05, clip_grad=1.0),
+        stage3=dict(batch_size=16, lr=3e-4, weight_decay=0.05, epochs=2, min_lr_ratio=0.05, clip_grad=1.0),
         note="CPU default; phantom data",
     ),
     # The paper's sizes: 192 px / patch 16 = 12x12 grid = 9 clusters; decoder width 512, 4 blocks.

@@ -634,7 +634,7 @@ class _Run:
                         stop = self.dist.any(flag["signal"] is not None)
                         if self._due(cfg.log_every) or stop:
                             window = self._log(window, bar)
-                        if self.eval_fn is not None and (self._due(cfg.eval_every) or self.step == self.total):
+                        if self.eval_fn is not None and self._eval_due():
                             self._evaluate()
                             window.start = time.perf_counter()
                         if stop:
@@ -721,6 +721,15 @@ class _Run:
     def _append_metrics(self, row: dict) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+
+    def _eval_due(self) -> bool:
+        """Every `eval_every` steps and at the end; a periodic evaluation less than half an interval
+        before the end is left to the final one (3 epochs of 64.9 batches: steps 64, 128 and 195,
+        not 192 and 195 as well)."""
+        if self.step == self.total:
+            return True
+        every = self.config.eval_every
+        return bool(every) and self._due(every) and self.total - self.step >= every / 2
 
     def _evaluate(self) -> None:
         """eval_fn on the main process (the others wait); keeps the best weights if asked."""

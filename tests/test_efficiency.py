@@ -180,3 +180,20 @@ def test_notebook_runs_alone_on_an_empty_run_root_and_says_what_to_run_first(tmp
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2   # the scan and encoder figures
     assert not (tmp_path / "data").exists()                          # nothing generated, nothing trained
     assert not (tmp_path / "runs").exists()
+
+
+def test_side_by_side_view_reads_make_bench_json(tmp_path):
+    from IPython.display import Markdown
+
+    from cxpmrg_lib.efficiency import full_benchmark_view
+    from cxpmrg_lib.fileio import write_json
+
+    missing = full_benchmark_view(tmp_path, "side_by_side")
+    assert isinstance(missing, Markdown) and "bench_parallel.py" in missing.data
+    write_json(tmp_path / "perf" / "side_by_side.json", {
+        "cores": 2, "jobs": 2, "threads_each": 1, "rows": [
+            {"phase": "train, encoder trained", "alone_studies_per_s": 16.3, "side_by_side_studies_per_s": 24.5,
+             "speedup": 24.5 / 16.3}]})
+    table = full_benchmark_view(tmp_path, "side_by_side")
+    assert table.loc["train, encoder trained", "speed-up"] == 1.5
+    assert "2 processes x 1 thread(s), studies/s" in table.columns

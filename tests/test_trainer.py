@@ -280,6 +280,13 @@ def test_best_metric_keeps_the_best_weights(tmp_path):
     assert json.loads((tmp_path / "best" / "config.json").read_text()) == {"k": 1}
 
 
+def test_no_periodic_evaluation_just_before_the_final_one(tmp_path):
+    """3 epochs of 64.9 batches (stage 3 on the default phantom) evaluated every 64 steps: at 64, 128 and
+    the end, not at 192 and again 3 steps later."""
+    train(_mlp(), _data(), _mse, _cfg(max_steps=22, eval_every=10), tmp_path, eval_fn=lambda m: {"score": 1.0})
+    assert [r["step"] for r in read_metrics(tmp_path) if "eval" in r] == [10, 22]
+
+
 class _Studies(Dataset):
     """Dict samples with a string, as cxpmrg_lib.data.dataset.StudyDataset yields."""
 
