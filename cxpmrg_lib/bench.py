@@ -94,8 +94,6 @@ SYSTEMS: dict[str, System] = {s.slug: s for s in [
 DEFAULT_SYSTEMS = ["mambaxray-vl", "most-common", "nearest-neighbour", "transformer", "r2gen", "r2gencmn",
                    "cvt2gpt2", "r2gengpt", "mambaxray-vl-no-stage1", "mambaxray-vl-no-stage2", "mambaxray-vl-no-pretraining",
                    "lm-llama", "lm-gpt2"]
-# The whole language-model swap: -p systems with these added to the default list.
-LM_SWAP_SYSTEMS = ["lm-llama", "lm-qwen2", "lm-gpt2", "lm-phi", "lm-mistral"]
 REFERENCE = "mambaxray-vl"
 
 
@@ -304,11 +302,19 @@ def _run_most_common(system: System, config: BenchConfig, data: _Data, run_dir: 
                    note=f"{counts.iloc[0]} of {len(data.train)} training reports are this one")
 
 
-def _stage2_run(config: BenchConfig, init: str = "stage1") -> Path:
+def _stage2_call(config: BenchConfig, init: str = "stage1"):
+    """The stage-2 run, as a call that trains it or finds it finished (the same call, config for config,
+    as stages.report.prerequisites makes for MambaXray-VL, so the earlier-stage wave runs it once)."""
+    from functools import partial
+
     from cxpmrg_lib.stages.contrastive import ContrastiveConfig, pretrain_contrastive
 
-    return pretrain_contrastive(ContrastiveConfig(**config.shared(), init=init, epochs=config.earlier_epochs,
-                                                  stage1_epochs=config.earlier_epochs))
+    return partial(pretrain_contrastive, ContrastiveConfig(**config.shared(), init=init, epochs=config.earlier_epochs,
+                                                           stage1_epochs=config.earlier_epochs))
+
+
+def _stage2_run(config: BenchConfig, init: str = "stage1") -> Path:
+    return _stage2_call(config, init)()
 
 
 class _NearestNeighbour(torch.nn.Module):
@@ -403,10 +409,18 @@ class _ViTTokens(torch.nn.Module):
         return SimpleNamespace(tokens=self.vit(x))
 
 
-def _report_lm_dir(config: BenchConfig, arch: str = "llama", epochs: float | None = None) -> Path:
+def _report_lm_call(config: BenchConfig, arch: str = "llama", epochs: float | None = None):
+    """The report-LM run of an architecture, as a call (for llama at the earlier epochs, the same call as
+    stages.report.prerequisites makes for MambaXray-VL)."""
+    from functools import partial
+
     from cxpmrg_lib.stages.report import ReportLMStageConfig, pretrain_report_lm
 
-    return pretrain_report_lm(ReportLMStageConfig(**config.shared(), epochs=epochs, arch=arch)) / "lm"
+    return partial(pretrain_report_lm, ReportLMStageConfig(**config.shared(), epochs=epochs, arch=arch))
+
+
+def _report_lm_dir(config: BenchConfig, arch: str = "llama", epochs: float | None = None) -> Path:
+    return _report_lm_call(config, arch, epochs)() / "lm"
 
 
 def _run_r2gengpt(system: System, config: BenchConfig, data: _Data, run_dir: Path) -> _Fitted:
@@ -664,14 +678,12 @@ def _fit_row(config: BenchConfig, slug: str) -> dict:
 def _earlier_runs(config: BenchConfig, slugs: list[str]) -> tuple[list, list[str]]:
     """The earlier-stage runs (stages 1-2, report LMs) the systems need, each once, as calls and labels:
     trained as a first wave, so that no row waits for another row to train what both need."""
-    from functools import partial
-
     from cxpmrg_lib.stages.report import prerequisites
 
     calls: dict[str, tuple] = {}
 
-    def add(call, label: str) -> None:
-        calls.setdefault(f"{call.func.__qualname__}{call.args!r}{sorted(call.keywords.items())!r}", (call, label))
+    def add(call, label: str) -> None:        # one entry per run: the stage function and its config
+        calls.setdefault(f"{call.func.__qualname__}{call.args!r}", (call, label))
 
     for slug in slugs:
         kind, options = SYSTEMS[slug].kind, dict(SYSTEMS[slug].options)
@@ -679,12 +691,12 @@ def _earlier_runs(config: BenchConfig, slugs: list[str]) -> tuple[list, list[str
             for call in prerequisites(_mamba_config(SYSTEMS[slug], config)):
                 add(call, f"{call.func.__name__} for {SYSTEMS[slug].name}")
         if kind in ("nearest", "lm_swap"):
-            add(partial(_stage2_run, config), "stage 2")
+            add(_stage2_call(config), "stage 2")
         if kind == "r2gengpt":
-            add(partial(_report_lm_dir, config, epochs=config.earlier_epochs), "report LM (llama)")
+            add(_report_lm_call(config, epochs=config.earlier_epochs), "report LM (llama)")
         if kind in ("lm_swap", "cvt2gpt2"):
             arch = options.get("arch", "gpt2")
-            add(partial(_report_lm_dir, config, arch, epochs=config.lm_epochs), f"report LM ({arch})")
+            add(_report_lm_call(config, arch, epochs=config.lm_epochs), f"report LM ({arch})")
     return [c for c, _ in calls.values()], [label for _, label in calls.values()]
 
 

@@ -243,8 +243,10 @@ def benchmark_side_by_side(dataset_root: str | os.PathLike, preset: str = "tiny"
     loads its model and data, then times its steps; the side-by-side processes start together."""
     import multiprocessing as mp
 
+    from cxpmrg_lib.parallel import MAX_AUTO_JOBS
+
     cores = os.cpu_count() or 1
-    jobs = jobs or max(2, min(cores, 4))
+    jobs = jobs or max(2, min(cores, MAX_AUTO_JOBS))
     base = {"dataset_root": str(dataset_root), "run_dir": None, "preset": preset, "kind": kind, "loader": loader,
             "batch": batch, "steps": train_steps, "seed": seed, "phase": "train"}
     ctx = mp.get_context("spawn")

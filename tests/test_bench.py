@@ -83,3 +83,17 @@ def test_diversity_and_plain_summary_name_the_collapsed_and_the_winners(tmp_path
     assert smoke.systems[0] == "mambaxray-vl" and smoke.test_studies == 16
     assert notebook_config("x", systems="r2gen, most-common").systems == ["r2gen", "most-common"]
     assert notebook_config("x").systems is None and notebook_config("x", epochs=2).epochs == 2
+
+
+def test_the_earlier_stage_wave_trains_each_shared_run_once():
+    """MambaXray-VL's rows, nearest neighbour, the LM swap and R2GenGPT-style share stage 1, stage 2 and report
+    LMs: the wave before the rows has one call per run, however many rows need it."""
+    from cxpmrg_lib.bench import DEFAULT_SYSTEMS, _earlier_runs, notebook_config
+
+    calls, labels = _earlier_runs(notebook_config("/nowhere/phantom"), DEFAULT_SYSTEMS)
+    runs = sorted((c.func.__name__, getattr(c.args[0], "init", ""), getattr(c.args[0], "arch", ""),
+                   str(c.args[0].epochs)) for c in calls)
+    assert runs == [("pretrain_autoregressive", "", "", "None"), ("pretrain_contrastive", "random", "", "None"),
+                    ("pretrain_contrastive", "stage1", "", "None"), ("pretrain_report_lm", "", "gpt2", "2.0"),
+                    ("pretrain_report_lm", "", "llama", "2.0"), ("pretrain_report_lm", "", "llama", "None")]
+    assert len(labels) == len(calls)
