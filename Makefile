@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps $(TXV_PIN)
+	@# the compiled CPU selective scan, built once per machine into torch's extension cache (without a
+	@# C++ compiler it logs what to install and the pure-PyTorch scan runs: same results, slower)
+	$(BIN)/python -m cxpmrg_lib.models.ssm_build --allow-missing
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
 

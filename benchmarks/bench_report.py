@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cxpmrg_lib.data import prepare
-from cxpmrg_lib.perf_report import benchmark_report, format_report_table
+from cxpmrg_lib.perf_report import benchmark_report, benchmark_train_scan, format_report_table, format_train_scan
 
 
 def _newest_full_model_run(dataset_root: Path) -> Path | None:
@@ -35,3 +35,24 @@ def test_report_speed():
     default = next(r for r in result["rows"] if r["phase"].startswith("generate, default"))
     assert default["reports"] == 500
     assert default["seconds_per_500"] < 300, "500 reports with the default decoding must take under 5 minutes"
+
+
+@pytest.mark.benchmark
+def test_stage3_training_per_scan():
+    """Stage-3 training studies/s with the pure-PyTorch scan (before) and the compiled kernel (after) at 1 and
+    2 threads, the scan's share of the step, and the encoder-frozen step (the goal: >= 2x studies/s)."""
+    from cxpmrg_lib.models.ssm import compiled_available
+
+    root = prepare.ensure_phantom("data", 3000, 256, 0)
+    scans = ("pytorch", "compiled") if compiled_available() else ("pytorch",)
+    result = benchmark_train_scan(root, run_dir=_newest_full_model_run(Path(root)), scans=scans,
+                                  out_json=Path("runs/perf/report_scan.json"))
+    print()
+    print(format_train_scan(result))
+    for threads in (1, 2):
+        rows = {r["scan"]: r for r in result["rows"] if r["threads"] == threads and r["phase"].endswith("trained")}
+        if "compiled" in rows:
+            ratio = rows["compiled"]["studies_per_s"] / rows["pytorch"]["studies_per_s"]
+            print(f"goal stage-3 studies/s compiled >= 2x pure PyTorch at {threads} thread(s): {ratio:.2f}x "
+                  f"({'met' if ratio >= 2 else 'MISSED'})")
+            assert rows["compiled"]["scan_share"] < rows["pytorch"]["scan_share"]

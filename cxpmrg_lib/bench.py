@@ -36,11 +36,12 @@ import torch
 import yaml
 
 from cxpmrg_lib.fileio import atomic_path, write_json
+from cxpmrg_lib.presets import PROJECTION_LR
 from cxpmrg_lib.stages.common import StageConfig, config_hash, resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SYSTEMS", "DEFAULT_SYSTEMS", "SMOKE_SYSTEMS", "notebook_config", "for_dataset", "FROM_SCRATCH_LR", "System", "BenchConfig", "run_bench", "bench_dir", "read_results",
+__all__ = ["encoder_spread", "SYSTEMS", "DEFAULT_SYSTEMS", "SMOKE_SYSTEMS", "notebook_config", "for_dataset", "FROM_SCRATCH_LR", "System", "BenchConfig", "run_bench", "bench_dir", "read_results",
            "ranked_table", "per_label_f1", "pairwise_pvalues"]
 
 
@@ -115,6 +116,7 @@ class BenchConfig(StageConfig):
     n_boot: int = 1000
     earlier_epochs: float | None = None  # MambaXray-VL's earlier stages when they must be trained (smoke runs)
     checkpoint_every: int = 200
+    projection_lr: float | None = PROJECTION_LR   # the frozen-LM systems' projection; None: the system's lr
 
     preset_defaults = "stage3"
 
@@ -133,7 +135,8 @@ class BenchConfig(StageConfig):
         return {**self.payload("bench"), "train": self.train_settings(), "val_studies": self.val_studies,
                 "test_studies": self.test_studies, "decoding": self.decoding(), "max_words": self.max_words,
                 "min_word_count": self.min_word_count, "lm_epochs": self.lm_epochs, "n_boot": self.n_boot,
-                "earlier_epochs": self.earlier_epochs}
+                "earlier_epochs": self.earlier_epochs,
+                **({"projection_lr": self.projection_lr} if self.projection_lr is not None else {})}
 
 
 # The smoke run of the book (tests): a few systems, a few steps; 04_benchmark and 06_explore share it.
@@ -259,9 +262,10 @@ def _train(model, config: BenchConfig, data: _Data, run_dir: Path, desc: str, da
     if lr is not None and config.lr is None:
         settings["lr"] = lr
     dataset = dataset if dataset is not None else data.train
-    steps_per_epoch = max(1, len(dataset) // settings["batch_size"])
+    from cxpmrg_lib.stages.report import validation_every
+
     train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=resolve_device(config.device),
-                               eval_every=steps_per_epoch, best_metric="select", **settings)
+                               eval_every=validation_every(settings, len(dataset)), best_metric="select", **settings)
 
     def loss_fn(m, batch):
         return m(batch["image"], batch["image_mask"], batch["report"])["loss"]
@@ -274,6 +278,19 @@ def _train(model, config: BenchConfig, data: _Data, run_dir: Path, desc: str, da
     if (best / "model.safetensors").exists():
         load_weights(model, best)
     return best
+
+
+def _peak_lr(system: System, config: BenchConfig) -> float:
+    """The peak learning rate a system trains at: an explicit config.lr, else its own, else the preset's."""
+    if config.lr is not None:
+        return config.lr
+    return dict(system.options).get("lr") or config.train_settings()["lr"]
+
+
+def _projection_scale(system: System, config: BenchConfig) -> float:
+    from cxpmrg_lib.stages.report import projection_lr_scale
+
+    return projection_lr_scale(config.projection_lr, {"lr": _peak_lr(system, config)})
 
 
 def _generate(model, studies, config: BenchConfig) -> list[str]:
@@ -391,6 +408,37 @@ def _run_zoo(system: System, config: BenchConfig, data: _Data, run_dir: Path) ->
                 note=f"vocabulary {len(vocab)} words; peak lr {opts.get('lr')}")
 
 
+def encoder_spread(config: BenchConfig, slugs=("transformer", "r2gen", "r2gencmn")) -> pd.DataFrame:
+    """Do the word-level systems' encoders give different studies different features? Per system, the
+    between-study spread and mean cosine of its pooled image memory on the validation studies, trained
+    (the row's kept weights) and at its initialisation: a collapse with features that do differ is the
+    decoder ignoring them, not an encoder (or mask) bug that hands it one input for every image."""
+    from cxpmrg_lib.diagnostics import feature_spread
+    from cxpmrg_lib.models.zoo.common import WordVocab
+    from cxpmrg_lib.trainer import load_weights
+
+    results = read_results(bench_dir(config) / "results.csv")
+    data = _data_for(config)
+    rows = []
+    for slug in slugs:
+        row = results[results["system"] == slug]
+        if row.empty or SYSTEMS[slug].kind != "zoo":
+            continue
+        run_dir = Path(row.iloc[0]["run_dir"])
+        vocab = WordVocab.load(run_dir / "vocab.json")
+        torch.manual_seed(config.seed)
+        model = _zoo_model(dict(SYSTEMS[slug].options)["model"], vocab, config, 1, data.image_size).eval()
+        initial = feature_spread(model.encode, data.val)
+        load_weights(model, run_dir / "best" if (run_dir / "best" / "model.safetensors").exists() else run_dir)
+        trained = feature_spread(model.encode, data.val)
+        rows.append({"system": SYSTEMS[slug].name, "studies": trained["studies"],
+                     "spread (trained)": trained["between_study_spread"],
+                     "cosine (trained)": trained["mean_cosine_between_studies"],
+                     "spread (init)": initial["between_study_spread"],
+                     "cosine (init)": initial["mean_cosine_between_studies"]})
+    return pd.DataFrame(rows).set_index("system") if rows else pd.DataFrame()
+
+
 class _ViTTokens(torch.nn.Module):
     """A PatchViT with the Vision Mamba interface ReportModel expects (`.tokens`, `.config.image_size`)."""
 
@@ -432,7 +480,8 @@ def _run_r2gengpt(system: System, config: BenchConfig, data: _Data, run_dir: Pat
     lm, tokenizer = load_report_lm(ReportLMConfig(pretrained=str(lm_dir)))
     torch.manual_seed(config.seed)
     dim = get_preset(config.preset).encoder.dim
-    head = VisualPrefixLM(lm, tokenizer, dim, typical_report_tokens=median_report_tokens(tokenizer, data.train.reports))
+    head = VisualPrefixLM(lm, tokenizer, dim, typical_report_tokens=median_report_tokens(tokenizer, data.train.reports),
+                          proj_lr_scale=_projection_scale(system, config))
     model = ReportModel(_ViTTokens(data.image_size, dim), head)
     return _fit(model, system, config, data, run_dir, pretrain_s=_elapsed(lm_dir.parent),
                 note="ViT trained from scratch (R2GenGPT starts from an ImageNet Swin); the frozen LM is "
@@ -481,7 +530,7 @@ def _mamba_config(system: System, config: BenchConfig):
                           batch_size=config.batch_size, lr=config.lr, init=dict(system.options)["init"],
                           val_studies=config.val_studies, test_studies=config.test_studies,
                           earlier_epochs=config.earlier_epochs, checkpoint_every=config.checkpoint_every,
-                          **config.decoding())
+                          projection_lr=config.projection_lr, **config.decoding())
 
 
 def _run_mamba(system: System, config: BenchConfig, data: _Data, run_dir: Path) -> _Fitted:
@@ -559,7 +608,8 @@ def _run_lm_swap(system: System, config: BenchConfig, data: _Data, run_dir: Path
     lm, tokenizer = load_report_lm(ReportLMConfig(pretrained=str(lm_dir)))
     torch.manual_seed(config.seed)
     head = VisualPrefixLM(lm, tokenizer, tokens["train"].shape[-1],
-                          typical_report_tokens=median_report_tokens(tokenizer, data.train.reports))
+                          typical_report_tokens=median_report_tokens(tokenizer, data.train.reports),
+                          proj_lr_scale=_projection_scale(system, config))
     model = _PrefixOnFeatures(head)
     train_set = _FeatureSet(tokens["train"], list(data.train.reports))
     val_set = _FeatureSet(tokens["val"], list(data.val.reports))

@@ -44,7 +44,8 @@ STAGES = {"autoregressive": "stage 1 (autoregressive)", "contrastive": "stage 2 
           "report_lm": "report LM", "finetune": "stage 3 (report generation)"}
 _INIT_NAMES = {"stage1": "encoder from stage 1", "stage2": "encoder from stage 2", "random": "random init",
                "stage2_random": "encoder from stage 2 without stage 1"}
-SCAN_IMPLS = ("reference", "lean_loop", "mambapy", "ours")
+SCAN_IMPLS = ("reference", "lean_loop", "mambapy", "pytorch", "compiled")
+OURS = ("compiled", "pytorch")     # ssm.py's C++ kernel (every stage's CPU path) and its pure-PyTorch fallback
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -121,16 +122,20 @@ def _native_stderr_silenced():
 
 
 def scan_table(result: dict) -> pd.DataFrame:
-    """One row per sequence length: median forward+backward ms, peak MiB, speed-ups, and the check against the
-    reference (largest relative error of the output and input gradients)."""
+    """One row per sequence length: median forward+backward ms, peak MiB, speed-ups of ours (the compiled
+    kernel, the pure-PyTorch path) over the others, and each one's check against the reference (largest
+    relative error of the output and input gradients)."""
     rows = []
     for length, e in result["lengths"].items():
         row = {"L": int(length)}
         impls = [n for n in SCAN_IMPLS if n in e["time_s"]]
         row.update({f"{n} ms": e["time_s"][n] * 1e3 for n in impls})
         row.update({f"{n} MiB": e["peak_mem_bytes"][n] / 2 ** 20 for n in impls})
-        row.update({f"ours vs {n} (x faster)": e["time_s"][n] / e["time_s"]["ours"] for n in impls if n != "ours"})
-        row["ours max rel. error vs reference"] = max(e["check_vs_reference"]["ours"].values())
+        for ours in (o for o in OURS if o in impls):
+            row.update({f"{ours} vs {n} (x faster)": e["time_s"][n] / e["time_s"][ours] for n in impls
+                        if n != ours and not (ours == "pytorch" and n == "compiled")})
+        for ours in (o for o in OURS if o in impls):
+            row[f"{ours} max rel. error vs reference"] = max(e["check_vs_reference"][ours].values())
         rows.append(row)
     return pd.DataFrame(rows).set_index("L")
 
@@ -144,6 +149,12 @@ def scan_caption(result: dict) -> str:
             f"median of {cfg['repeats']} timed runs after one warm-up (the sequential loops at most "
             f"{cfg['slow_max_rounds']}), the implementations interleaved; {env['num_threads']} threads, "
             f"torch {env['torch']}. Peak memory: the CPU allocator's high-water mark during one forward + backward.")
+    if env.get("compiled"):
+        text += (" *compiled* is ssm.py's C++ kernel (the path every stage takes on a CPU), *pytorch* its "
+                 "pure-PyTorch fallback (taken where no C++ compiler is available; same results).")
+    else:
+        text += (" **The compiled kernel could not be built here** (no C++ compiler?), so only the pure-PyTorch "
+                 "path (*pytorch*) is shown as ours.")
     if env.get("mambapy"):
         text += f" mambapy {env['mambapy']} (parallel scan) is included."
     else:
@@ -160,7 +171,7 @@ def scan_figure(result: dict, title: str | None = None) -> plt.Figure:
     for name in SCAN_IMPLS:
         if name not in entries[0]["time_s"]:
             continue
-        style = dict(marker="o", lw=2.5 if name == "ours" else 1.3, label=name.replace("_", " "))
+        style = dict(marker="o", lw=2.5 if name in OURS else 1.3, label=name.replace("_", " "))
         ax_t.plot(lengths, [e["time_s"][name] * 1e3 for e in entries], **style)
         ax_m.plot(lengths, [e["peak_mem_bytes"][name] / 2 ** 20 for e in entries], **style)
     ax_t.set_yscale("log")

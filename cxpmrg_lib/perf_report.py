@@ -32,7 +32,8 @@ from cxpmrg_lib.fileio import write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["benchmark_report", "format_report_table", "benchmark_side_by_side", "format_side_by_side", "PeakMemory"]
+__all__ = ["benchmark_report", "format_report_table", "benchmark_side_by_side", "format_side_by_side", "PeakMemory",
+           "benchmark_train_scan", "format_train_scan"]
 
 GOAL_500_REPORTS_S = 300.0
 
@@ -97,7 +98,24 @@ def _untrained_model(dataset_root, preset_name: str, kind: str, loader: dict | N
     return model
 
 
-def _train_rate(model, studies, batch: int, steps: int, freeze_encoder: bool) -> dict:
+# autograd nodes of the scan (pure-PyTorch Function, compiled Function): their CPU time, children included
+_SCAN_NODES = ("_SelectiveScanFn", "_SelectiveScanFnBackward", "_CompiledScanFn", "_CompiledScanFnBackward")
+
+
+def _time_shares(step, batch_) -> dict:
+    """Where one training step's time goes: the scan's autograd nodes, the encoder's forward, the rest."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("whole step"):
+            step(batch_)
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages()}
+    whole = totals.get("whole step", 0.0) or 1.0
+    scan = sum(totals.get(k, 0.0) for k in _SCAN_NODES)
+    return {"scan_share": scan / whole, "profiled_step_s": whole / 1e6}
+
+
+def _train_rate(model, studies, batch: int, steps: int, freeze_encoder: bool, profile: bool = False) -> dict:
     from cxpmrg_lib.data.dataset import collate_studies
 
     model = copy.deepcopy(model).train()
@@ -124,7 +142,8 @@ def _train_rate(model, studies, batch: int, steps: int, freeze_encoder: bool) ->
             times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
     images = statistics.mean(float(b["image_mask"].sum()) for b in batches[1:])
-    return {"phase": f"train, encoder {'frozen' if freeze_encoder else 'trained'}", "step_s": seconds,
+    shares = _time_shares(step, batches[1]) if profile else {}
+    return {**shares, "phase": f"train, encoder {'frozen' if freeze_encoder else 'trained'}", "step_s": seconds,
             "studies_per_s": batch / seconds, "images_per_s": images / seconds,
             "trainable_m": sum(p.numel() for p in params) / 1e6, "peak_extra_mib": mem.extra_mib,
             "peak_mib": mem.peak_mib}
@@ -152,6 +171,10 @@ def _phase(task: dict) -> dict:
 
     torch.set_num_threads(task["threads"])
     torch.manual_seed(task["seed"])
+    if task.get("scan"):                      # which selective scan this process uses (ssm.SCAN_ENV)
+        from cxpmrg_lib.models.ssm import SCAN_ENV
+
+        os.environ[SCAN_ENV] = {"pytorch": "torch"}.get(task["scan"], task["scan"])
     if task["run_dir"] is not None:
         model = load_report_model(task["run_dir"])
     else:
@@ -160,7 +183,8 @@ def _phase(task: dict) -> dict:
     if task["phase"] == "train":
         studies, _ = load_studies(task["dataset_root"], size, "train", task["kind"], batch * (task["steps"] + 1),
                                   task["loader"], model.max_images, num_workers=0)
-        row = _train_rate(model, studies, batch, task["steps"], freeze_encoder=task["freeze"])
+        row = _train_rate(model, studies, batch, task["steps"], freeze_encoder=task["freeze"],
+                          profile=task.get("profile", False))
     else:
         studies, _ = load_studies(task["dataset_root"], size, "test", task["kind"], task["n"], task["loader"],
                                   model.max_images, num_workers=0)
@@ -275,4 +299,50 @@ def format_side_by_side(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"{r['phase']:<28}{r['alone_studies_per_s']:>17.1f}{r['side_by_side_studies_per_s']:>14.1f}"
                      f"{r['speedup']:>9.2f}x")
+    return "\n".join(lines)
+
+
+def benchmark_train_scan(dataset_root: str | os.PathLike, run_dir: str | os.PathLike | None = None,
+                         preset: str = "tiny", threads=(1, 2), scans=("pytorch", "compiled"), kind: str = "auto",
+                         loader: dict | None = None, batch: int = 16, train_steps: int = 6,
+                         out_json: str | Path | None = None, seed: int = 0) -> dict:
+    """Stage-3 training studies/s with each selective scan (the pure-PyTorch path, "before"; the compiled
+    kernel, "after") at each thread count, with the share of the step the scan takes and, for the last
+    scan, the encoder-frozen step (what the LM and head cost without the encoder's backward).
+    Each measurement runs in its own spawned process with CXPMRG_SCAN set there."""
+    import multiprocessing as mp
+
+    from cxpmrg_lib.progress import tqdm
+
+    base = {"dataset_root": str(dataset_root), "run_dir": str(run_dir) if run_dir else None, "preset": preset,
+            "kind": kind, "loader": loader, "batch": batch, "steps": train_steps, "seed": seed, "phase": "train",
+            "profile": True}
+    tasks = []
+    for t in threads:
+        tasks += [{**base, "threads": int(t), "scan": scan, "freeze": False} for scan in scans]
+        tasks.append({**base, "threads": int(t), "scan": scans[-1], "freeze": True})
+    ctx = mp.get_context("spawn")
+    rows = []
+    for task in tqdm(tasks, desc="stage-3 training per scan", unit="run"):
+        with ctx.Pool(1) as pool:
+            row = pool.apply(_phase, (task,))
+        rows.append({**row, "scan": task["scan"], "threads": task["threads"]})
+    result = {"preset": preset, "batch": batch, "train_steps": train_steps, "torch": torch.__version__,
+              "machine": platform.platform(), "source": f"trained run {run_dir}" if run_dir else f"untrained {preset}",
+              "rows": rows}
+    if out_json is not None:
+        write_json(Path(out_json), result)
+    return result
+
+
+def format_train_scan(result: dict) -> str:
+    """Studies/s per scan and thread count, the speed-up over the first scan, and the scan's share of a step."""
+    rows = result["rows"]
+    lines = [f"stage-3 training per selective scan ({result['source']}; batch {result['batch']})",
+             f"{'threads':>7}  {'scan':<9}{'encoder':<9}{'studies/s':>10}{'step s':>8}{'vs first':>9}{'scan share':>11}"]
+    for r in rows:
+        first = next(x for x in rows if x["threads"] == r["threads"] and x["phase"] == r["phase"])
+        enc = "frozen" if r["phase"].endswith("frozen") else "trained"
+        lines.append(f"{r['threads']:>7}  {r['scan']:<9}{enc:<9}{r['studies_per_s']:>10.2f}{r['step_s']:>8.2f}"
+                     f"{r['studies_per_s'] / first['studies_per_s']:>8.2f}x{r.get('scan_share', float('nan')):>10.0%}")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
-"""Speed and peak memory of the selective scan: sequential reference, mambapy, ours.
+"""Speed and peak memory of the selective scan: sequential reference, mambapy, ours (pure PyTorch, compiled).
 
-All three run the same Mamba block configuration (D, z gating, delta_bias, softplus) on
+"pytorch" is ssm.py's pure-PyTorch path (impl="fast"), "compiled" its C++ kernel
+(impl="compiled"; left out, with a log line, where it cannot be built). All run the same Mamba block configuration (D, z gating, delta_bias, softplus) on
 the same float32 inputs, forward + backward of a fixed random projection of the output.
 Timings are interleaved (one run of each implementation per round) so that load from
 other processes hits all of them alike; the median over rounds is reported. Memory is the
@@ -22,9 +23,9 @@ import torch.nn.functional as F
 from cxpmrg_lib.progress import tqdm
 
 from cxpmrg_lib.fileio import write_json
-from cxpmrg_lib.models.ssm import selective_scan
+from cxpmrg_lib.models.ssm import compiled_available, selective_scan
 
-__all__ = ["benchmark_scan", "format_scan_table", "MAMBAPY_INSTALL", "MEMORY_METHOD"]
+__all__ = ["benchmark_scan", "format_scan_table", "MAMBAPY_INSTALL", "MEMORY_METHOD", "OURS", "IMPL_ORDER"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 SLOW = ("reference", "lean_loop")
 SLOW_MAX_ROUNDS = 3
 SLOW_BUDGET_S = 20.0
+OURS = ("compiled", "pytorch")             # this project's two CPU paths, fastest first
+IMPL_ORDER = ("reference", "lean_loop", "mambapy", "pytorch", "compiled")
 
 
 def _mambapy_scan() -> Callable:
@@ -129,7 +132,8 @@ def _max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def benchmark_scan(lengths=(64, 196, 784), batch: int = 8, channels: int = 192, state: int = 16,
-                   repeats: int = 7, include_mambapy: bool = True, out_json: Path | None = None) -> dict:
+                   repeats: int = 7, include_mambapy: bool = True, include_compiled: bool = True,
+                   out_json: Path | None = None) -> dict:
     """Forward+backward median time and peak memory of reference, lean loop, mambapy and ours.
 
     Each implementation's first run is profiled for memory and its output and input
@@ -142,7 +146,11 @@ def benchmark_scan(lengths=(64, 196, 784), batch: int = 8, channels: int = 192, 
                                   "lean_loop": _lean_loop}
     if include_mambapy:
         impls["mambapy"] = _mambapy_scan()
-    impls["ours"] = lambda *a, **k: selective_scan(*a, **k, impl="fast")
+    impls["pytorch"] = lambda *a, **k: selective_scan(*a, **k, impl="fast")
+    if include_compiled and compiled_available():
+        impls["compiled"] = lambda *a, **k: selective_scan(*a, **k, impl="compiled")
+    elif include_compiled:
+        logger.warning("the compiled scan is not available here (see the log line above): it is left out")
     result = {"config": {"batch": batch, "channels": channels, "state": state, "dtype": "float32",
                          "repeats": repeats, "slow_impls": list(SLOW), "slow_max_rounds": SLOW_MAX_ROUNDS,
                          "slow_budget_s": SLOW_BUDGET_S, "warmup": "1 run (the profiled, checked one)", "loss": "(out * fixed_random_weight).sum()",
@@ -150,7 +158,7 @@ def benchmark_scan(lengths=(64, 196, 784), batch: int = 8, channels: int = 192, 
               "environment": {"torch": torch.__version__, "num_threads": torch.get_num_threads(),
                               "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                               "mambapy": _version("mambapy") if include_mambapy else None,
-                              "loadavg_start": _loadavg()},
+                              "compiled": "compiled" in impls, "loadavg_start": _loadavg()},
               "time_method": "time.perf_counter around forward+backward; impls interleaved per round; median",
               "memory_method": MEMORY_METHOD, "lengths": {}}
     bar = tqdm(total=len(lengths) * len(impls), desc="selective scan benchmark")
@@ -183,12 +191,12 @@ def benchmark_scan(lengths=(64, 196, 784), batch: int = 8, channels: int = 192, 
             entry["time_s"][name] = sorted(times[name])[len(times[name]) // 2]
             bar.update()
         t, m = entry["time_s"], entry["peak_mem_bytes"]
-        entry["ratios"] = {"reference_time/ours": t["reference"] / t["ours"],
-                           "lean_loop_time/ours": t["lean_loop"] / t["ours"],
-                           "ours_mem/reference_mem": m["ours"] / m["reference"]}
-        if include_mambapy:
-            entry["ratios"].update({"mambapy_time/ours": t["mambapy"] / t["ours"],
-                                    "ours_mem/mambapy_mem": m["ours"] / m["mambapy"]})
+        ratios = {}
+        for ours in (o for o in OURS if o in t):
+            for other in (n for n in IMPL_ORDER if n in t and n != ours and not (ours == "pytorch" and n == "compiled")):
+                ratios[f"{other}_time/{ours}"] = t[other] / t[ours]
+                ratios[f"{ours}_mem/{other}_mem"] = m[ours] / m[other]
+        entry["ratios"] = ratios
         result["lengths"][str(length)] = entry
         logger.info("scan L=%d: %s", length, {k: f"{v * 1e3:.1f} ms" for k, v in t.items()})
     bar.close()
@@ -214,23 +222,20 @@ def _loadavg() -> list[float] | None:
 
 
 def format_scan_table(result: dict) -> str:
-    """Plain-text table: one row per length, times in ms, peak memory in MiB, ratios."""
-    has_mambapy = any("mambapy" in e["time_s"] for e in result["lengths"].values())
-    impls = ["reference", "lean_loop", "mambapy", "ours"] if has_mambapy else ["reference", "lean_loop", "ours"]
+    """Plain-text table: one row per length, times in ms, peak memory in MiB, ratios of ours to the others."""
+    first = next(iter(result["lengths"].values()))
+    impls = [n for n in IMPL_ORDER if n in first["time_s"]]
+    ours = [o for o in OURS if o in impls]
+    pairs = [(o, n) for o in ours for n in impls if n != o and not (o == "pytorch" and n == "compiled")]
     head = (["L"] + [f"{n} ms" for n in impls] + [f"{n} MiB" for n in impls]
-            + (["mambapy/ours time", "ref/ours time", "lean/ours time", "ours/mambapy mem"] if has_mambapy
-               else ["ref/ours time", "lean/ours time", "ours/ref mem"]))
+            + [f"{n}/{o} time" for o, n in pairs] + [f"{o}/{n} mem" for o, n in pairs if n in ("pytorch", "mambapy")])
     rows = []
     for length, e in result["lengths"].items():
         r = e["ratios"]
         row = ([length] + [f"{e['time_s'][n] * 1e3:.1f}" for n in impls]
-               + [f"{e['peak_mem_bytes'][n] / 2**20:.1f}" for n in impls])
-        if has_mambapy:
-            row += [f"{r['mambapy_time/ours']:.2f}x", f"{r['reference_time/ours']:.1f}x",
-                    f"{r['lean_loop_time/ours']:.1f}x", f"{r['ours_mem/mambapy_mem']:.3f}"]
-        else:
-            row += [f"{r['reference_time/ours']:.1f}x", f"{r['lean_loop_time/ours']:.1f}x",
-                    f"{r['ours_mem/reference_mem']:.3f}"]
+               + [f"{e['peak_mem_bytes'][n] / 2**20:.1f}" for n in impls]
+               + [f"{r[f'{n}_time/{o}']:.2f}x" for o, n in pairs]
+               + [f"{r[f'{o}_mem/{n}_mem']:.3f}" for o, n in pairs if n in ("pytorch", "mambapy")])
         rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(line, widths)) for line in [head] + rows]

@@ -14,7 +14,15 @@ from cxpmrg_lib.models.report_lm import ReportLMConfig
 from cxpmrg_lib.models.text_encoder import TextEncoderConfig
 from cxpmrg_lib.models.vision_mamba import EncoderConfig
 
-__all__ = ["Preset", "PRESETS", "get_preset"]
+__all__ = ["Preset", "PRESETS", "get_preset", "STAGE3_STEPS", "PROJECTION_LR", "VALIDATIONS"]
+
+# The report-generation budget of the tiny preset, shared by every trained system of the benchmark.
+STAGE3_STEPS = 200
+# Peak learning rate of a fresh Linear + LayerNorm projection into a frozen LM (the rest of the model keeps
+# its own rate): the projection starts from nothing and is the only way into the LM.
+PROJECTION_LR = 3e-3
+# Validations per training run (checkpoint selection and the diagnostics curves).
+VALIDATIONS = 4
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,10 @@ PRESETS: dict[str, Preset] = {
         stage2=dict(batch_size=32, lr=5e-4, weight_decay=0.05, epochs=3, min_lr_ratio=0.05, clip_grad=1.0),
         report_lm=ReportLMConfig(hidden_size=192, num_layers=4, num_heads=6, intermediate_size=512, max_position=320),
         lm_stage=dict(batch_size=32, lr=1e-3, weight_decay=0.05, epochs=6, min_lr_ratio=0.05, clip_grad=1.0),
-        stage3=dict(batch_size=16, lr=3e-4, weight_decay=0.05, epochs=2, min_lr_ratio=0.05, clip_grad=1.0),
+        # Stage 3 in optimizer steps, not epochs, so a bigger or smaller dataset does not silently change it
+        # (`epochs=` still works and replaces it); 2 epochs of the default phantom were 130 steps.
+        stage3=dict(batch_size=16, lr=3e-4, weight_decay=0.05, max_steps=STAGE3_STEPS, min_lr_ratio=0.05,
+                    clip_grad=1.0),
         note="CPU default; phantom data",
     ),
     # The paper's sizes: 192 px / patch 16 = 12x12 grid = 9 clusters; decoder width 512, 4 blocks.

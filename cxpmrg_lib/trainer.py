@@ -205,27 +205,33 @@ def _no_weight_decay(name: str, p: torch.nn.Parameter) -> bool:
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two AdamW groups: with and without weight decay.
+    """Trainable parameters in AdamW groups: with and without weight decay, and by learning-rate scale.
 
     No decay for 1-D tensors (norms, biases), SSM `A_log` and `D`, position embeddings and
-    any parameter flagged `_no_weight_decay = True`. Each group also lists its "names".
+    any parameter flagged `_no_weight_decay = True`. A parameter flagged `_lr_scale = s`
+    trains at s times the peak learning rate (same schedule); its group carries "lr_scale".
+    Each group also lists its "names".
     """
-    decay, no_decay = {"params": [], "names": [], "weight_decay": weight_decay}, \
-        {"params": [], "names": [], "weight_decay": 0.0}
+    groups: dict[tuple[bool, float], dict] = {}
     for name, p in _unwrap(model).named_parameters():
         if not p.requires_grad:
             continue
-        group = no_decay if _no_weight_decay(name, p) else decay
+        no_decay = _no_weight_decay(name, p)
+        scale = float(getattr(p, "_lr_scale", 1.0))
+        group = groups.setdefault((no_decay, scale), {"params": [], "names": [],
+                                                      "weight_decay": 0.0 if no_decay else weight_decay,
+                                                      "lr_scale": scale})
         group["params"].append(p)
         group["names"].append(name)
-    return [g for g in (decay, no_decay) if g["params"]]
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[1] != 1.0, k[0], k[1]))]
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     groups = optimizer_param_groups(model, config.weight_decay)
     if not groups:
         raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True: nothing to train")
-    return torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+    return torch.optim.AdamW([{**{k: v for k, v in g.items() if k not in ("names", "lr_scale")},
+                               "lr": config.lr * g["lr_scale"]} for g in groups],
                              lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
 

@@ -503,3 +503,79 @@ def paper_table(name: str, index: str | Sequence[str], where: Mapping[str, str] 
     table = table.drop(columns=[c for c in ("index",) if c in table]).set_index(index)
     return table.style.set_caption(f"The paper's published numbers ({name}; real data, the paper's GPUs): "
                                    "not comparable with the phantom rows, shown for scale").format(precision=3, na_rep="-")
+
+
+def validation_curves(curves: pd.DataFrame, keys: Sequence[str] = ("ce_f1", "bleu4", "distinct"),
+                      floor: Mapping[str, float] | None = None, title: str = "Validation along training",
+                      note: str | None = None) -> plt.Figure:
+    """One panel per key (validation CE-F1, BLEU-4, share of distinct reports), a line per system
+    against the optimizer step; `floor` draws the most-common report's value of a key as a dashed line."""
+    if curves.empty:
+        raise ValueError("no validation records to plot (the runs wrote no eval lines)")
+    labels = {"ce_f1": "CE-F1", "bleu4": "BLEU-4", "distinct": "distinct reports (share)"}
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for system, group in curves.groupby("system", sort=False):
+            group = group.sort_values("step")
+            ax.plot(group["step"], group[key], marker="o", ms=3, lw=1.4, label=system)
+        if floor and key in floor:
+            ax.axhline(floor[key], color="black", ls="--", lw=1, label="most common report")
+        ax.set_xlabel("optimizer step")
+        ax.set_title(labels.get(key, key), fontsize=10)
+        ax.grid(alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=7, color="gray")
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(names) - 1) // 4), 1, 1))
+    return fig
+
+
+def label_rates(rates: pd.DataFrame, title: str = "Predicted-positive rate against the references' rate "
+                "(validation, last step)") -> plt.Figure:
+    """Heatmap, systems x observations, of predicted minus reference positive rate (blue: the
+    generator names a finding less often than the radiologist; red: more often), each cell
+    annotated with the predicted rate; the references' rates head the columns."""
+    if rates.empty:
+        raise ValueError("no label rates to plot")
+    pred = rates.pivot(index="system", columns="observation", values="predicted")
+    ref = rates.drop_duplicates("observation").set_index("observation")["reference"]
+    cols = [c for c in CHEXPERT_LABELS if c in pred.columns]
+    pred = pred.loc[list(dict.fromkeys(rates["system"]))][cols]
+    diff = pred - ref[cols]
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(pred) + 2.2))
+    im = ax.imshow(diff.to_numpy(dtype=float), cmap="coolwarm", vmin=-0.6, vmax=0.6, aspect="auto")
+    for i in range(diff.shape[0]):
+        for j in range(diff.shape[1]):
+            ax.text(j, i, f"{pred.iat[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([f"{c}\n(ref {ref[c]:.2f})" for c in cols], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(pred)))
+    ax.set_yticklabels(pred.index, fontsize=8)
+    fig.colorbar(im, ax=ax, label="predicted - reference rate", shrink=0.8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def decoding_sweep(sweeps: Mapping[str, pd.DataFrame], title: str = "Validation decoding sweep") -> plt.Figure:
+    """CE-F1 (bars) and the share of distinct reports (dots) per decoding setting, one panel per system."""
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5.2 * len(sweeps), 3.6), squeeze=False)
+    for ax, (system, sweep) in zip(axes[0], sweeps.items()):
+        labels = [f"{'greedy' if r.num_beams == 1 else f'beam {r.num_beams}'}\nrp {r.repetition_penalty:g}"
+                  f"{' nr' + str(r.no_repeat_ngram_size) if r.no_repeat_ngram_size else ''}"
+                  for r in sweep.itertuples()]
+        x = np.arange(len(sweep))
+        ax.bar(x, sweep["ce_f1"], color="tab:blue", alpha=0.7, label="CE-F1")
+        ax2 = ax.twinx()
+        ax2.plot(x, sweep["distinct"], "o", color="tab:red", label="distinct share")
+        ax2.set_ylim(0, 1.05)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=70, fontsize=6)
+        ax.set_title(system, fontsize=10)
+        ax.set_ylabel("CE-F1")
+        ax2.set_ylabel("distinct reports (share)", color="tab:red")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig

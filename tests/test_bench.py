@@ -52,6 +52,16 @@ def test_smoke_bench_four_systems(phantom, tmp_path):
     assert (out / "results.csv").stat().st_mtime_ns != mtime and len(read_results(out)) == 4
     shown = ranked_table(table)
     assert shown.shape == (4, 7) and sum("<b>" in c for c in shown["bleu4"]) >= 1
+    # the diagnostics read every trained row's validation records back from its run folder
+    from cxpmrg_lib import diagnostics
+    from cxpmrg_lib.bench import encoder_spread
+
+    curves = diagnostics.validation_curves(dict(zip(table["name"], table["run_dir"])))
+    assert set(curves["system"]) == set(ref.loc[["transformer", "cvt2gpt2", "mambaxray-vl"], "name"])
+    assert {"ce_f1", "bleu4", "distinct", "pos:Cardiomegaly", "ref:Cardiomegaly"} <= set(curves.columns)
+    spread = encoder_spread(cfg, ["transformer", "most-common"])
+    assert list(spread.index) == [ref.loc["transformer", "name"]]          # word-level systems only
+    assert spread.iloc[0]["spread (trained)"] > 0 and spread.iloc[0]["cosine (trained)"] < 1
     assert set(SYSTEMS) >= {"r2gen", "r2gencmn", "lm-qwen2"}
 
 

@@ -127,14 +127,26 @@ def test_budgeted_scan_measurement_at_a_tiny_size():
     result = efficiency.measure_scan(smoke=True, lengths=(16, 32), include_mambapy=False)
     table = efficiency.scan_table(result)
     assert list(table.index) == [16, 32]
-    assert list(table.columns) == ["reference ms", "lean_loop ms", "ours ms", "reference MiB", "lean_loop MiB",
-                                   "ours MiB", "ours vs reference (x faster)", "ours vs lean_loop (x faster)",
-                                   "ours max rel. error vs reference"]
-    assert (table.iloc[:, :8] > 0).all().all()
-    assert (table["ours max rel. error vs reference"] < 1e-4).all()
+    from cxpmrg_lib.models.ssm import compiled_available
+
+    if compiled_available():
+        assert list(table.columns) == [
+            "reference ms", "lean_loop ms", "pytorch ms", "compiled ms", "reference MiB", "lean_loop MiB",
+            "pytorch MiB", "compiled MiB", "compiled vs reference (x faster)", "compiled vs lean_loop (x faster)",
+            "compiled vs pytorch (x faster)", "pytorch vs reference (x faster)", "pytorch vs lean_loop (x faster)",
+            "compiled max rel. error vs reference", "pytorch max rel. error vs reference"]
+        assert (table.iloc[:, :13] > 0).all().all()
+        assert (table["compiled max rel. error vs reference"] < 1e-4).all()
+        assert "compiled* is ssm.py's C++ kernel" in efficiency.scan_caption(result)
+    else:
+        assert list(table.columns) == [
+            "reference ms", "lean_loop ms", "pytorch ms", "reference MiB", "lean_loop MiB", "pytorch MiB",
+            "pytorch vs reference (x faster)", "pytorch vs lean_loop (x faster)", "pytorch max rel. error vs reference"]
+        assert "could not be built here" in efficiency.scan_caption(result)
+    assert (table["pytorch max rel. error vs reference"] < 1e-4).all()
     caption = efficiency.scan_caption(result)
     assert "mambapy is not installed" in caption and "L = 16, 32" in caption
-    assert len(efficiency.scan_figure(result).axes[0].lines) == 3
+    assert len(efficiency.scan_figure(result).axes[0].lines) == 3 + compiled_available()
 
 
 def test_budgeted_encoder_measurement_at_a_tiny_size():
@@ -175,7 +187,7 @@ def test_notebook_runs_alone_on_an_empty_run_root_and_says_what_to_run_first(tmp
     text = "\n".join(str(o.get("text", "")) + json.dumps(o.get("data", {})) for o in outputs)
     assert "No stage runs under" in text and "01_autoregressive.ipynb" in text
     assert "No benchmark results at" in text and "04_benchmark.ipynb" in text
-    assert "ours vs reference" in text and "mamba 4-way" in text
+    assert "pytorch vs reference" in text and "mamba 4-way" in text
     assert "USDT" not in text                                        # the profiler's native log stays out of the book
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2   # the scan and encoder figures
     assert not (tmp_path / "data").exists()                          # nothing generated, nothing trained

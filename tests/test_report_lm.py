@@ -288,3 +288,81 @@ def test_unfrozen_head_trains_lm_in_paper_format(tok):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+# ----------------------------------------------------------------------------- slot conditioning
+
+def test_condition_phrases_name_positives_and_uncertains_only():
+    from cxpmrg_lib.models.report_lm import condition_phrases
+
+    row = {"Cardiomegaly": 1.0, "Edema": -1.0, "Pneumothorax": 0.0, "Pleural Effusion": float("nan"),
+           "Support Devices": 1.0}
+    assert condition_phrases(row) == ["cardiomegaly", "possible edema", "support devices"]
+    assert condition_phrases({"No Finding": 1.0}) == ["no finding"]
+    assert condition_phrases({}) == []
+
+
+def test_condition_slot_places_each_phrase_and_fills_the_rest(tok):
+    import cxpmrg_lib.models.report_lm as rl
+
+    lm = build_report_lm(TINY, tok)
+    head = VisualPrefixLM(lm, tok, 1, freeze_lm=False)
+    embed = lm.get_input_embeddings()
+    norm = lambda v: torch.nn.functional.layer_norm(v, v.shape[-1:])
+    filler = norm(embed(torch.tensor([tok.convert_tokens_to_ids("<ImageHere>")]))[0])
+    card = norm(embed(torch.tensor(tok("cardiomegaly", add_special_tokens=False)["input_ids"])).mean(0))
+    old = rl.UNCONDITIONED_SHARE
+    try:
+        rl.UNCONDITIONED_SHARE = 0.0
+        slot = head.condition_slot([["cardiomegaly"], []], 12, torch.Generator().manual_seed(0))
+        assert slot.shape == (2, 12, TINY.hidden_size)
+        is_card = torch.isclose(slot[0], card, atol=1e-5).all(-1)
+        is_fill = torch.isclose(slot[0], filler, atol=1e-5).all(-1)
+        assert is_card.sum() >= 1 and bool((is_card | is_fill).all())   # the phrase at least once, filler elsewhere
+        assert torch.isclose(slot[1], filler, atol=1e-5).all()          # no phrase: filler only
+        rl.UNCONDITIONED_SHARE = 1.0                                    # every study unconditioned
+        slot = head.condition_slot([["cardiomegaly"]], 12, torch.Generator().manual_seed(0))
+        assert torch.isclose(slot[0], filler, atol=1e-5).all()
+    finally:
+        rl.UNCONDITIONED_SHARE = old
+    # layer-normalised like the projection's LayerNorm output: zero mean, unit variance per position
+    assert torch.allclose(slot.mean(-1), torch.zeros(1, 12), atol=1e-5)
+
+
+def test_an_lm_pretrained_with_conditioning_reads_its_slot(tok):
+    """The mechanism against the collapse: an LM trained with the findings in the slot writes the report
+    the slot states; the loss with the right slot is lower than with another study's."""
+    import cxpmrg_lib.models.report_lm as rl
+
+    torch.manual_seed(0)
+    reports = ["Mild cardiomegaly with small left pleural effusion.", "Lungs are clear bilaterally."]
+    phrases = [["cardiomegaly", "pleural effusion"], ["no finding"]]
+    lm = build_report_lm(TINY, tok)
+    head = VisualPrefixLM(lm, tok, 1, prompt=SHORT_PROMPT, freeze_lm=False)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    old = rl.UNCONDITIONED_SHARE
+    rl.UNCONDITIONED_SHARE = 0.0
+    try:
+        for _ in range(60):
+            loss = head(None, reports, slot=head.condition_slot(phrases, 8))["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        head.eval()
+        with torch.no_grad():
+            right = head(None, reports, slot=head.condition_slot(phrases, 8))["loss"].item()
+            wrong = head(None, reports, slot=head.condition_slot(phrases[::-1], 8))["loss"].item()
+    finally:
+        rl.UNCONDITIONED_SHARE = old
+    assert right < 0.2 and wrong > 2 * right, (right, wrong)
+
+
+def test_projection_parameters_carry_the_lr_scale(tok):
+    from cxpmrg_lib.trainer import TrainConfig, build_optimizer
+
+    head = VisualPrefixLM(build_report_lm(TINY, tok), tok, VISUAL_DIM, proj_lr_scale=10.0)
+    opt = build_optimizer(head, TrainConfig(lr=1e-4))
+    lrs = sorted({g["lr"] for g in opt.param_groups})
+    assert lrs == [pytest.approx(1e-3)]          # only the projection trains (LM frozen), at 10x
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in head.parameters()
+                                                                      if p.requires_grad}

@@ -98,7 +98,9 @@ def test_long_sequence_with_strong_decay_stays_finite():
                        .float()).any()
     weight = torch.randn(1, 4, length, generator=g, dtype=torch.float64)
     use = ("D", "z")
-    ref_out, ref_grads = run(selective_scan_reference, inputs, use, False, NAMES[:5] + use, weight)
+    # the lean loop (the reference's arithmetic with an O(L) backward; test_lean_reference_is_the_reference)
+    ref_out, ref_grads = run(lambda *a, delta_softplus, **k: _lean_reference(*a, **k, softplus=delta_softplus)[0],
+                             inputs, use, False, NAMES[:5] + use, weight)
     inputs32 = {k: v.float() for k, v in inputs.items()}
     out, grads = run(selective_scan_fast, inputs32, use, False, NAMES[:5] + use, weight.float())
     assert torch.isfinite(out).all()
@@ -175,9 +177,10 @@ def test_autocast_bfloat16_computes_in_float32():
     assert rel_err(out16.float(), plain) < 0.05
 
 
-def test_dispatch_and_errors(caplog):
+def test_dispatch_and_errors(caplog, monkeypatch):
     inputs = make_inputs(1, 2, 3, 4)
     args = [inputs[k] for k in NAMES[:5]]
+    monkeypatch.setenv(ssm.SCAN_ENV, "torch")
     ssm._logged.clear()
     with caplog.at_level(logging.INFO, logger="cxpmrg_lib.models.ssm"):
         fast = selective_scan(*args, D=inputs["D"])
@@ -223,11 +226,15 @@ def test_benchmark_scan_small_run_and_missing_mambapy(monkeypatch, tmp_path):
     result = benchmark_scan(lengths=(5,), batch=1, channels=4, state=2, repeats=2, include_mambapy=False,
                             out_json=tmp_path / "scan.json")
     entry = result["lengths"]["5"]
-    assert set(entry["time_s"]) == {"reference", "lean_loop", "ours"}
-    assert entry["check_vs_reference"]["ours"]["grad_max_rel_err"] < 1e-5
+    ours = {"pytorch", "compiled"} if ssm.compiled_available() else {"pytorch"}
+    assert set(entry["time_s"]) == {"reference", "lean_loop"} | ours
+    for name in ours:
+        assert entry["check_vs_reference"][name]["grad_max_rel_err"] < 1e-5
     assert all(v > 0 for v in entry["peak_mem_bytes"].values())
     assert json.loads((tmp_path / "scan.json").read_text())["memory_method"] == result["memory_method"]
-    assert "ref/ours time" in format_scan_table(result)
+    assert "reference/pytorch time" in format_scan_table(result)
+    if ssm.compiled_available():
+        assert entry["ratios"]["pytorch_time/compiled"] > 0 and "pytorch/compiled time" in format_scan_table(result)
     monkeypatch.setitem(sys.modules, "mambapy.mamba", None)      # makes `from mambapy.mamba import` fail
     with pytest.raises(RuntimeError, match=MAMBAPY_INSTALL.replace(".", r"\.")):
         benchmark_scan(lengths=(5,), batch=1, channels=4, state=2, repeats=1)
@@ -260,3 +267,234 @@ def test_per_sequence_parameters_match_separate_calls(small_chunks):
     assert torch.autograd.gradcheck(lambda *ts: f("fast", **dict(zip(keys, ts))), [leaves[k] for k in keys])
     with pytest.raises(ValueError, match="batch=2"):
         selective_scan(inputs["u"], inputs["delta"], per_seq["A"][:1], inputs["B"], inputs["C"])
+
+
+# ----------------------------------------------------------------------------- the compiled CPU kernel
+
+needs_kernel = pytest.mark.skipif(not ssm.compiled_available(), reason="the compiled scan did not build here "
+                                  "(no C++ compiler or ninja; see the log)")
+
+
+def _scan(impl, t, names, softplus=True, last=False, order=None):
+    return selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t.get("D"), z=t.get("z"),
+                          delta_bias=t.get("delta_bias"), delta_softplus=softplus, return_last_state=last,
+                          order=order, impl=impl)
+
+
+@needs_kernel
+@pytest.mark.parametrize("use,softplus", [((), False), (("D", "z", "delta_bias"), True), (("D",), True)])
+@pytest.mark.parametrize("length", [1, 70])                  # 70 crosses the kernel's 64-step checkpoints
+def test_gradcheck_compiled_float64(use, softplus, length):
+    inputs = make_inputs(1, 3, 4, length, seed=length)
+    if not softplus:          # a negative step makes the states grow as exp(L): finite differences fail
+        inputs["delta"] = inputs["delta"].abs()
+    names = ("u", "delta", "A", "B", "C") + tuple(use)
+    tensors = [inputs[k].clone().requires_grad_() for k in names]
+
+    def f(*ts):
+        return _scan("compiled", dict(zip(names, ts)), names, softplus=softplus, last=True)
+
+    assert torch.autograd.gradcheck(f, tensors)
+
+
+def _lean_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=True):
+    """A sequential float64 loop with an O(L) backward (one small node per step): the oracle of the
+    long-sequence grid, where selective_scan_reference's O(L^2) backward would take minutes."""
+    delta = delta + delta_bias[:, None] if delta_bias is not None else delta
+    delta = torch.nn.functional.softplus(delta) if softplus else delta
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    # unbind, not slicing: a slice's backward writes a full-size gradient per step (O(L^2))
+    for dt, b_t, c_t, u_t in zip(delta.unbind(2), B.unbind(2), C.unbind(2), u.unbind(2)):
+        dt = dt[:, :, None]
+        h = torch.exp(dt * A) * h + dt * b_t[:, None, :] * u_t[:, :, None]
+        ys.append((h * c_t[:, None, :]).sum(-1))
+    y = torch.stack(ys, dim=-1) + (D[:, None] * u if D is not None else 0)
+    return (y * torch.nn.functional.silu(z) if z is not None else y), h
+
+
+def _mamba_grid_inputs(length, seed):
+    """mamba-ssm's test_selective_scan inputs: batch 2, dim 4, dstate 8; A = -0.5 rand, delta 0.5 rand,
+    delta_bias 0.5 rand, D, z, B, C randn."""
+    g = torch.Generator().manual_seed(seed)
+    return {"u": torch.randn(2, 4, length, generator=g), "delta": 0.5 * torch.rand(2, 4, length, generator=g),
+            "A": -0.5 * torch.rand(4, 8, generator=g), "B": torch.randn(2, 8, length, generator=g),
+            "C": torch.randn(2, 8, length, generator=g), "D": torch.randn(4, generator=g),
+            "z": torch.randn(2, 4, length, generator=g), "delta_bias": 0.5 * torch.rand(4, generator=g)}
+
+
+def test_lean_reference_is_the_reference():
+    inputs = {k: v.double() for k, v in _mamba_grid_inputs(20, 0).items()}
+    ref = selective_scan_reference(*(inputs[k] for k in NAMES[:5]), D=inputs["D"], z=inputs["z"],
+                                   delta_bias=inputs["delta_bias"], delta_softplus=True, return_last_state=True)
+    lean = _lean_reference(*(inputs[k] for k in NAMES))
+    assert rel_err(lean[0], ref[0]) < 1e-12 and rel_err(lean[1], ref[1]) < 1e-12
+
+
+@pytest.mark.parametrize("impl", [pytest.param("compiled", marks=needs_kernel), "fast"])
+@pytest.mark.parametrize("length", [128, 256, 512, 1024, 2048, 4096])
+def test_mamba_ssm_grid_float32_tolerances(impl, length):
+    """mamba-ssm's own selective-scan grid at its float32 tolerances (rtol 6e-4, atol 2e-3; gradients at
+    twice those, as there), against a float64 sequential loop; the last state too."""
+    rtol, atol = 6e-4, 2e-3
+    inputs = _mamba_grid_inputs(length, length)
+    ref = {k: v.double().requires_grad_() for k, v in inputs.items()}
+    ref_out, ref_last = _lean_reference(*(ref[k] for k in NAMES))
+    w = torch.randn(2, 4, length, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ((ref_out * w).sum() + ref_last.sum()).backward()
+    ours = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    out, last = _scan(impl, ours, NAMES, last=True)
+    ((out * w.float()).sum() + last.sum()).backward()
+    assert torch.allclose(out.double(), ref_out.detach(), rtol=rtol, atol=atol)
+    assert torch.allclose(last.double(), ref_last.detach(), rtol=rtol, atol=atol)
+    for k in NAMES:
+        assert torch.allclose(ours[k].grad.double(), ref[k].grad, rtol=2 * rtol, atol=2 * atol), k
+
+
+@needs_kernel
+def test_compiled_matches_pure_pytorch_path_on_benchmark_shape():
+    inputs = make_inputs(8, 192, 16, 196, dtype=torch.float32, seed=1)
+    weight = torch.randn(8, 192, 196, generator=torch.Generator().manual_seed(2))
+    fast_out, fast_grads = run(lambda *a, **k: selective_scan(*a, **k, impl="fast"), inputs, NAMES, True, NAMES,
+                               weight)
+    out, grads = run(lambda *a, **k: selective_scan(*a, **k, impl="compiled"), inputs, NAMES, True, NAMES, weight)
+    assert rel_err(out, fast_out) < 1e-5
+    for k in NAMES:
+        assert rel_err(grads[k], fast_grads[k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("impl", [pytest.param("compiled", marks=needs_kernel), "fast", "reference"])
+def test_order_equals_scanning_gathered_inputs(impl):
+    """order[b] = the positions sequence b is scanned in; every (.., L) tensor stays in stored order."""
+    batch, length = 3, 9
+    inputs = make_inputs(batch, 5, 4, length, seed=7)
+    g = torch.Generator().manual_seed(8)
+    order = torch.stack([torch.randperm(length, generator=g) for _ in range(batch)])
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    out, last = _scan(impl, leaves, NAMES, last=True, order=order)
+    w = torch.randn(batch, 5, length, dtype=torch.float64)
+    ((out * w).sum() + last.sum()).backward()
+
+    def take(t, idx):
+        return t.gather(2, idx[:, None, :].expand(-1, t.shape[1], -1))
+
+    ref = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    gathered = {k: (take(v, order) if v.dim() == 3 else v) for k, v in ref.items()}
+    ref_out, ref_last = _scan("reference", gathered, NAMES, last=True)
+    ref_out = take(ref_out, torch.argsort(order, dim=-1))
+    ((ref_out * w).sum() + ref_last.sum()).backward()
+    assert rel_err(out.detach(), ref_out.detach()) < 1e-12 and rel_err(last.detach(), ref_last.detach()) < 1e-12
+    for k in NAMES:
+        assert rel_err(leaves[k].grad, ref[k].grad) < 1e-11, k
+    shared = _scan(impl, inputs, NAMES, order=order[0])            # one order (L,) for every sequence
+    assert rel_err(shared, _scan(impl, inputs, NAMES, order=order[:1].expand(batch, -1))) < 1e-14
+    with pytest.raises(ValueError, match="order must be"):
+        _scan(impl, inputs, NAMES, order=order[:, :4])
+
+
+@needs_kernel
+def test_compiled_per_sequence_parameters_and_orders_gradcheck():
+    inputs = make_inputs(2, 2, 3, 66, seed=9)
+    g = torch.Generator().manual_seed(1)
+    inputs.update({"A": -torch.exp(torch.rand(2, 2, 3, generator=g, dtype=torch.float64)),
+                   "D": torch.randn(2, 2, generator=g, dtype=torch.float64),
+                   "delta_bias": torch.randn(2, 2, generator=g, dtype=torch.float64) * 0.1})
+    order = torch.stack([torch.arange(66).flip(0), torch.randperm(66, generator=g)])
+    keys = list(NAMES)
+    leaves = [inputs[k].clone().requires_grad_() for k in keys]
+
+    def f(*ts):
+        return _scan("compiled", dict(zip(keys, ts)), NAMES, last=True, order=order)
+
+    out, last = f(*leaves)
+    ref_out, ref_last = _scan("reference", dict(zip(keys, leaves)), NAMES, last=True, order=order)
+    assert rel_err(out, ref_out) < 1e-12 and rel_err(last, ref_last) < 1e-12
+    assert torch.autograd.gradcheck(f, leaves, fast_mode=True)
+
+
+@pytest.mark.parametrize("impl", [pytest.param("compiled", marks=needs_kernel), "fast", "reference"])
+def test_return_last_state(impl):
+    inputs = make_inputs(2, 3, 4, 11, seed=10)
+    out, last = _scan(impl, inputs, NAMES, last=True)
+    assert last.shape == (2, 3, 4)
+    assert torch.equal(out, _scan(impl, inputs, NAMES))
+    # the last state is the state after the final step: scanning one step more with B = 0, C = e_n reads it
+    longer = {k: (torch.cat([v, torch.zeros_like(v[..., :1])], -1) if v.dim() == 3 else v) for k, v in inputs.items()}
+    _, last_ref = _scan("reference", inputs, NAMES, last=True)
+    assert rel_err(last, last_ref) < 1e-12
+    assert _scan(impl, longer, NAMES).shape[-1] == 12
+
+
+@needs_kernel
+def test_compiled_autocast_bfloat16():
+    inputs = make_inputs(2, 20, 4, 70, dtype=torch.float32, seed=5)
+    weight = torch.randn(2, 20, 70)
+    compiled = lambda *a, **k: selective_scan(*a, **k, impl="compiled")  # noqa: E731
+    plain, plain_grads = run(compiled, inputs, NAMES, True, NAMES, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = run(compiled, inputs, NAMES, True, NAMES, weight)
+    assert out.dtype == torch.float32 and torch.equal(out, plain)
+    for k in NAMES:
+        assert grads[k].dtype == torch.float32 and torch.equal(grads[k], plain_grads[k]), k
+    bf16 = {k: v.bfloat16() for k, v in inputs.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16, grads16 = run(compiled, bf16, NAMES, True, NAMES, weight.bfloat16())
+    assert out16.dtype == torch.bfloat16 and grads16["A"].dtype == torch.bfloat16
+    assert rel_err(out16.float(), plain) < 0.05
+
+
+@needs_kernel
+def test_auto_takes_the_compiled_kernel_and_the_environment_forces_a_path(monkeypatch, caplog):
+    inputs = make_inputs(1, 2, 3, 4)
+    args = [inputs[k] for k in NAMES[:5]]
+    monkeypatch.delenv(ssm.SCAN_ENV, raising=False)
+    ssm._logged.clear()
+    with caplog.at_level(logging.INFO, logger="cxpmrg_lib.models.ssm"):
+        auto = selective_scan(*args, D=inputs["D"])
+        monkeypatch.setenv(ssm.SCAN_ENV, "torch")
+        forced = selective_scan(*args, D=inputs["D"])
+        assert ssm.scan_impl_name("cpu") == "fast"
+        monkeypatch.setenv(ssm.SCAN_ENV, "compiled")
+        assert ssm.scan_impl_name("cpu") == "compiled"
+    assert [r.getMessage() for r in caplog.records] == ["selective scan: compiled CPU kernel",
+                                                       "selective scan: pure-PyTorch path on cpu"]
+    assert rel_err(auto, forced) < 1e-12
+    monkeypatch.setenv(ssm.SCAN_ENV, "cuda")
+    with pytest.raises(ValueError, match="CXPMRG_SCAN"):
+        selective_scan(*args)
+
+
+def test_without_a_compiler_one_log_line_and_the_same_results(monkeypatch, caplog):
+    from cxpmrg_lib.models import ssm_build
+
+    inputs = make_inputs(1, 2, 3, 4)
+    args = [inputs[k] for k in NAMES[:5]]
+    monkeypatch.delenv(ssm.SCAN_ENV, raising=False)
+    monkeypatch.setattr(ssm_build, "_state", {})
+    monkeypatch.setattr(ssm_build.shutil, "which", lambda name: None)
+    monkeypatch.setenv("CXX", "c++-missing")
+    ssm._logged.clear()
+    with caplog.at_level(logging.INFO):
+        out = selective_scan(*args, D=inputs["D"])
+        selective_scan(*args, D=inputs["D"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "apt-get install build-essential" in m]) == 1, messages
+    assert "selective scan: pure-PyTorch path on cpu" in messages
+    assert rel_err(out, selective_scan(*args, D=inputs["D"], impl="reference")) < 1e-12
+    assert ssm.scan_impl_name("cpu") == "fast"
+    with pytest.raises(RuntimeError, match="build-essential"):
+        selective_scan(*args, impl="compiled")
+
+
+def test_cuda_dispatch_order_is_triton_then_mamba_ssm_then_pytorch(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.delenv(ssm.SCAN_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "cxpmrg_lib.models.ssm_triton", None)     # absent: ImportError
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", None)
+    assert ssm.scan_impl_name("cuda") == "fast"
+    fake = types.ModuleType("cxpmrg_lib.models.ssm_triton")
+    fake.selective_scan_triton = lambda *a, **k: None
+    monkeypatch.setitem(sys.modules, "cxpmrg_lib.models.ssm_triton", fake)
+    assert ssm.scan_impl_name("cuda") == "triton"

@@ -154,3 +154,18 @@ def test_stage_runs_are_the_runs_of_the_stage(phantom, tmp_path):
         assert finetune_report(config) == done[init] and read_summary(done[init])["test_studies"] == 4
         job = pickle.loads(pickle.dumps(partial(finetune_report, config)))
         assert job.args[0] == config
+
+
+def test_stage3_budget_is_in_steps_and_epochs_replace_it(tmp_path):
+    from cxpmrg_lib.presets import STAGE3_STEPS
+    from cxpmrg_lib.stages.report import FinetuneConfig, projection_lr_scale, validation_every
+
+    settings = FinetuneConfig(dataset_root=str(tmp_path)).train_settings()
+    assert settings["max_steps"] == STAGE3_STEPS and "epochs" not in settings
+    # the same steps whatever the dataset size; validations evenly spaced, the last at the end
+    assert validation_every(settings, 500) == validation_every(settings, 5000) == STAGE3_STEPS // 4
+    by_epochs = FinetuneConfig(dataset_root=str(tmp_path), epochs=3).train_settings()
+    assert by_epochs["epochs"] == 3 and "max_steps" not in by_epochs
+    assert validation_every(by_epochs, 160) == (3 * 160 // 16) // 4
+    assert projection_lr_scale(3e-3, settings) == pytest.approx(3e-3 / settings["lr"])
+    assert projection_lr_scale(None, settings) == 1.0

@@ -416,3 +416,13 @@ def test_two_cpu_processes_match_one(tmp_path):
     assert [r["step"] for r in two_rows] == [5, 10, 12]  # written once, by the main process
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(two_rows, one_rows)) < 1e-5
     assert {p.name for p in latest_checkpoint(run_dir).iterdir()} >= {"rng_state_0.pt", "rng_state_1.pt"}
+
+
+def test_lr_scale_flag_gives_a_group_at_a_multiple_of_the_peak_rate(tmp_path):
+    model = _Mixed()
+    model.head.weight._lr_scale = 5.0
+    groups = optimizer_param_groups(model, 0.05)
+    assert [(g["weight_decay"], g["lr_scale"]) for g in groups] == [(0.05, 1.0), (0.0, 1.0), (0.05, 5.0)]
+    assert groups[0]["names"] == ["proj.weight"] and groups[2]["names"] == ["head.weight"]
+    opt = build_optimizer(model, TrainConfig(lr=2e-3))
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(2e-3), pytest.approx(2e-3), pytest.approx(1e-2)]

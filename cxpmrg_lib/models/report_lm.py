@@ -30,6 +30,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from cxpmrg_lib.fileio import atomic_dir
+from cxpmrg_lib.observations import CHEXPERT_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 __all__ = ["PAPER_PROMPT", "IMAGE_TOKENS", "IMAGE_PLACEHOLDER", "ReportLMConfig", "LM_ARCHS", "train_bpe_tokenizer",
-           "build_report_lm", "load_report_lm", "lm_batch", "median_report_tokens", "VisualPrefixLM"]
+           "build_report_lm", "load_report_lm", "lm_batch", "median_report_tokens", "VisualPrefixLM",
+           "condition_phrases", "CONDITIONINGS"]
 
 PAPER_PROMPT = ("Human: <Img><ImageHere></Img> Generate a comprehensive and detailed diagnosis report "
                 "for this chest xray image. \nAssistant:")
@@ -237,6 +239,36 @@ def _add_lora(lm: PreTrainedModel, config: ReportLMConfig) -> PreTrainedModel:
     return get_peft_model(lm, lora)
 
 
+# ----------------------------------------------------------------------------- slot conditioning
+
+# How a fresh report LM is pre-trained: "findings" puts the study's stated findings in the image slot (see
+# VisualPrefixLM.condition_slot), "none" leaves the slot empty (the setting before; the LM then learns that
+# nothing worth reading stands there, and a frozen LM that never conditioned on its slot does not start to).
+CONDITIONINGS = ("findings", "none")
+# Share of pre-training reports whose slot holds only filler: the LM keeps a prior for an uninformative slot.
+UNCONDITIONED_SHARE = 0.1
+
+
+def condition_phrases(labels) -> list[str]:
+    """The findings a report states, as short phrases ("cardiomegaly", "possible edema", "no finding").
+
+    `labels` maps the 14 CheXpert observations to 1.0 / -1.0 / 0.0 / NaN (a study table row);
+    positives and uncertains become phrases, negatives and unmentioned ones do not.
+    """
+    out = []
+    for name in CHEXPERT_LABELS:
+        value = labels.get(name) if hasattr(labels, "get") else None
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            continue
+        if value == 1.0:
+            out.append(name.lower())
+        elif value == -1.0:
+            out.append("possible " + name.lower())
+    return out
+
+
 # ----------------------------------------------------------------------------- the visual prefix head
 
 class VisualPrefixLM(nn.Module):
@@ -252,7 +284,7 @@ class VisualPrefixLM(nn.Module):
 
     def __init__(self, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, visual_dim: int,
                  prompt: str = PAPER_PROMPT, freeze_lm: bool = True, max_report_tokens: int = 128,
-                 typical_report_tokens: int | None = None):
+                 typical_report_tokens: int | None = None, proj_lr_scale: float = 1.0):
         super().__init__()
         if prompt.count(IMAGE_PLACEHOLDER) != 1:
             raise ValueError(f"prompt must contain {IMAGE_PLACEHOLDER} exactly once: {prompt!r}")
@@ -270,6 +302,8 @@ class VisualPrefixLM(nn.Module):
         hidden = embed.embedding_dim
         self.proj = nn.Linear(self.visual_dim, hidden)
         self.proj_norm = nn.LayerNorm(hidden)
+        for p in (*self.proj.parameters(), *self.proj_norm.parameters()):
+            p._lr_scale = float(proj_lr_scale)   # the trainer's per-part rate: a fresh projection learns faster
         before, after = prompt.split(IMAGE_PLACEHOLDER)
         head = [self.bos_id] if self.bos_id is not None else []
         self.register_buffer("prompt_before_ids", torch.tensor(head + _encode(tokenizer, before)), persistent=False)
@@ -314,25 +348,30 @@ class VisualPrefixLM(nn.Module):
         """Prompt tokens around the visual tokens (bos included); add T for the full prefix."""
         return len(self.prompt_before_ids) + len(self.prompt_after_ids)
 
-    def _prefix_embeds(self, visual_tokens: torch.Tensor) -> torch.Tensor:
-        if visual_tokens.dim() != 3 or visual_tokens.shape[-1] != self.visual_dim:
-            raise ValueError(f"visual_tokens must be (B, T, {self.visual_dim}), got {tuple(visual_tokens.shape)}")
+    def _prefix_embeds(self, visual_tokens: torch.Tensor | None, slot: torch.Tensor | None = None) -> torch.Tensor:
         embed = self.lm.get_input_embeddings()
-        b = visual_tokens.shape[0]
-        vis = self.proj_norm(self.proj(visual_tokens.to(self.proj.weight.dtype))).to(embed.weight.dtype)
+        if slot is not None:                 # slot content given in the LM's embedding space (LM pre-training)
+            vis = slot.to(embed.weight.dtype)
+        else:
+            if visual_tokens.dim() != 3 or visual_tokens.shape[-1] != self.visual_dim:
+                raise ValueError(f"visual_tokens must be (B, T, {self.visual_dim}), got {tuple(visual_tokens.shape)}")
+            vis = self.proj_norm(self.proj(visual_tokens.to(self.proj.weight.dtype))).to(embed.weight.dtype)
+        b = vis.shape[0]
         before = embed(self.prompt_before_ids).unsqueeze(0).expand(b, -1, -1)
         after = embed(self.prompt_after_ids).unsqueeze(0).expand(b, -1, -1)
         return torch.cat([before, vis, after], dim=1)
 
-    def build_inputs(self, visual_tokens: torch.Tensor, reports: list[str]) -> dict[str, torch.Tensor]:
+    def build_inputs(self, visual_tokens: torch.Tensor | None, reports: list[str],
+                     slot: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """inputs_embeds / attention_mask / labels for teacher forcing, reports right-padded.
 
         Layout per row: [bos] prompt-before, T visual, prompt-after, report (truncated to
         max_report_tokens), eos, pads. Labels are -100 except on report tokens and eos.
         """
-        if len(reports) != visual_tokens.shape[0]:
-            raise ValueError(f"{visual_tokens.shape[0]} visual inputs but {len(reports)} reports")
-        prefix = self._prefix_embeds(visual_tokens)
+        n = (slot if slot is not None else visual_tokens).shape[0]
+        if len(reports) != n:
+            raise ValueError(f"{n} visual inputs but {len(reports)} reports")
+        prefix = self._prefix_embeds(visual_tokens, slot)
         b, p, device = prefix.shape[0], prefix.shape[1], prefix.device
         rows = []
         for i, r in enumerate(reports):
@@ -353,10 +392,47 @@ class VisualPrefixLM(nn.Module):
                                  ids.masked_fill(mask == 0, -100)], dim=1),
         }
 
-    def forward(self, visual_tokens: torch.Tensor, reports: list[str]) -> dict[str, torch.Tensor]:
-        """Mean cross-entropy over the report tokens and eos of the batch; and the logits."""
-        out = self.lm(**self.build_inputs(visual_tokens, reports))
+    def forward(self, visual_tokens: torch.Tensor | None, reports: list[str],
+                slot: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Mean cross-entropy over the report tokens and eos of the batch; and the logits.
+        `slot`: (B, T, hidden) content of the image slot in the LM's embedding space instead of
+        projected visual tokens (pre-training a conditioned report LM)."""
+        out = self.lm(**self.build_inputs(visual_tokens, reports, slot))
         return {"loss": out.loss, "logits": out.logits}
+
+    def condition_slot(self, phrases: list[list[str]], length: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, length, hidden) image-slot content that states each study's findings in words.
+
+        Each phrase becomes one vector, the mean of its tokens' input embeddings; the phrases
+        of a study fill a random number (at least one each) of randomly placed slot positions
+        and the image placeholder's embedding fills the rest, so the LM learns to read a
+        variable set of vectors anywhere in the slot, as it must read visual tokens later.
+        A share of studies (UNCONDITIONED_SHARE) gets filler only. Every position is
+        layer-normalised (no affine), the distribution the projection's LayerNorm starts from.
+        """
+        embed = self.lm.get_input_embeddings()
+        device = embed.weight.device
+        filler_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        if not isinstance(filler_id, int) or filler_id == self.tokenizer.unk_token_id:
+            filler_id = self.pad_id
+        filler = embed(torch.tensor([filler_id], device=device))[0]
+        rows = []
+        for study in phrases:
+            slot = filler.expand(length, -1).clone()
+            keep = bool(study) and float(torch.rand((), generator=generator)) >= UNCONDITIONED_SHARE
+            if keep:
+                vectors = torch.stack([embed(torch.tensor(_encode(self.tokenizer, p) or [filler_id], device=device)
+                                             ).mean(0) for p in study])
+                k = len(study)
+                n_content = int(torch.randint(min(k, length), length + 1, (), generator=generator))
+                where = torch.randperm(length, generator=generator)[:n_content].to(device)
+                which = torch.cat([torch.arange(min(k, n_content)),
+                                   torch.randint(k, (max(0, n_content - k),), generator=generator)]).to(device)
+                slot = slot.index_copy(0, where, vectors[which])
+            rows.append(slot)
+        slot = torch.stack(rows)
+        return torch.nn.functional.layer_norm(slot, slot.shape[-1:])
 
     @torch.no_grad()
     def generate(self, visual_tokens: torch.Tensor, num_beams: int = 3, min_new_tokens: int | None = None,

@@ -1,33 +1,64 @@
-"""Mamba-1 selective scan: a fast pure-PyTorch path, mamba-ssm's CUDA kernel, a reference.
+"""Mamba-1 selective scan: a compiled CPU kernel, a pure-PyTorch path, CUDA kernels, a reference.
 
-All three compute `mamba_ssm.ops.selective_scan_interface.selective_scan_fn` (real A,
-input-dependent B and C, one group). The pure-PyTorch path is one custom autograd
+All compute `mamba_ssm.ops.selective_scan_interface.selective_scan_fn` (real A,
+input-dependent B and C, one group), with two extensions: parameters per sequence (the
+merged 4-way directions) and `order`, the order in which each sequence is scanned.
+
+`selective_scan(impl="auto")` takes, on a CPU, the compiled kernel (csrc/selective_scan.cpp,
+built once per machine by ssm_build; where it cannot be built, one log line says what to
+install and the pure-PyTorch path runs, same results), and on CUDA cxpmrg_lib.models.ssm_triton,
+then mamba-ssm, then the pure-PyTorch path. CXPMRG_SCAN=compiled|torch|reference forces a path.
+
+Why C++ (torch.utils.cpp_extension, ninja, only ATen + torch/library.h: no pybind) rather than
+numba, measured on this project's 2-core AMD EPYC (AVX-512), float32, B8 D192 N16 L196, 1 thread:
+the C++ forward takes 4.8-6 ms and forward+backward 18-23 ms (pure-PyTorch path: 15-22 and
+37-52 ms); a numba version of the same forward loop (parallel prange over batch x channel,
+fastmath off, numba 0.68.1 with numpy 2.3.5 in a scratch venv) took NUMBA_FWD ms, since numba
+vectorises neither libm's exp nor the inner recurrence. The C++ build costs ~36 s once per
+machine (cached in torch's extension directory, then ~0.1 s to load); numba would add a
+dependency (numba + llvmlite, which cap numpy releases) and its own per-signature compile at
+each fresh cache. Both ran the same recurrence; C++ also gives at::parallel_for, whose threads
+follow torch.set_num_threads (the project's workers run 1 thread each).
+
+The kernel: threads over (batch x blocks of 16 channels); the channels of a block are the lanes
+of one vector (GCC vector extensions: one AVX-512 register), so every state is an independent
+lane-wise recurrence and exp is a vectorised polynomial (no -ffast-math). The forward keeps a
+state checkpoint every 64 steps (not the per-step exp(dt * A) the pure path keeps: less memory);
+the backward recomputes a chunk's states and factors into a block-local buffer that stays in
+cache, runs the adjoint back through it, and sums the contractions over channels (dB, dC) with
+a shuffle tree. It reads u, delta, z, B, C through strides and `order` (no copies into scan order).
+
+The pure-PyTorch path is one custom autograd
 Function: its forward runs the recurrence without autograd, one in-place `addcmul_` per
 time step on time-major contiguous buffers, and its backward runs the adjoint recurrence
 in reverse, so autograd never holds a graph of per-step ops. Time is cut into chunks of
 about CHUNK_ELEMENTS state values so that the per-chunk buffers stay in cache; the
 forward keeps exp(dt * A) for all steps (the exp is the costliest op) plus the state at
 each chunk start, and the backward recomputes a chunk's states from its checkpoint.
-The recurrence multiplies by the true per-step factors exp(dt * A), so no intermediate
+Both multiply by the true per-step factors exp(dt * A), so no intermediate
 is larger than the true states: no closed form with exp(-cumsum), nothing to overflow
 on long sequences.
 """
 from __future__ import annotations
 
 import logging
+import os
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["selective_scan", "selective_scan_reference", "selective_scan_fast"]
+__all__ = ["selective_scan", "selective_scan_reference", "selective_scan_fast", "selective_scan_compiled",
+           "compiled_available", "scan_impl_name", "take_scan_impls", "SCAN_ENV"]
 
 logger = logging.getLogger(__name__)
 
-Impl = Literal["auto", "fast", "reference"]
-IMPLS = ("auto", "fast", "reference")
+Impl = Literal["auto", "compiled", "fast", "reference"]
+IMPLS = ("auto", "compiled", "fast", "reference")
+SCAN_ENV = "CXPMRG_SCAN"   # auto | compiled | torch | reference: forces the path of impl="auto"
 CHUNK_ELEMENTS = 1 << 19  # elements of one (time, batch, channel, state) chunk buffer: ~2 MB in float32
 _logged: set[str] = set()
+_ran: set[str] = set()     # the paths selective_scan took since take_scan_impls() last asked (run summaries)
 
 
 def _log_once(key: str, message: str, level: int = logging.INFO) -> None:
@@ -36,7 +67,7 @@ def _log_once(key: str, message: str, level: int = logging.INFO) -> None:
         logger.log(level, message)
 
 
-def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias, order=None) -> None:
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, channels, length); got shape {tuple(u.shape)}")
     batch, channels, length = u.shape
@@ -52,11 +83,16 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
         if t is not None and tuple(t.shape) != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)} to match u {tuple(u.shape)} and "
                              f"A {tuple(A.shape)}; got {tuple(t.shape)}")
+    if order is not None and (order.dim() not in (1, 2) or order.shape[-1] != length
+                              or (order.dim() == 2 and order.shape[0] not in (1, batch))):
+        raise ValueError(f"order must be (length={length},) or (batch={batch}, length) positions; "
+                         f"got shape {tuple(order.shape)}")
     if A.is_complex() or B.is_complex() or C.is_complex():
         raise ValueError("only real A, B, C are supported (Mamba-1 with real state)")
 
 
-def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             return_last_state=False):
     """Plain sequential loop over time with autograd: slow, obviously right, for tests.
 
     Written the way mamba_ssm writes its own test oracle (`selective_scan_ref`): the
@@ -85,7 +121,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         y = y + D.to(compute)[..., None] * u
     if z is not None:
         y = y * F.silu(z.to(compute))
-    return y.to(dtype)
+    return (y.to(dtype), h.to(dtype)) if return_last_state else y.to(dtype)
 
 
 def _chunks(length: int, step: int):
@@ -135,10 +171,10 @@ def _scan_forward(dt, dtu, A_nd, Bt, Ct, chunk: int, keep: bool):
             h[t].addcmul_(a[t], h[t - 1])
         torch.bmm(Ct[t0:t1].view(k, 1, state), hs[:m].view(k, state, channels), out=y[t0:t1].view(k, 1, channels))
         prev = hs[m - 1]
-    return y, dA if keep else None, starts
+    return y, dA if keep else None, starts, prev
 
 
-def _scan_backward(dy, dt, dtu, A_nd, Bt, Ct, dA, starts, chunk: int, need):
+def _scan_backward(dy, dt, dtu, A_nd, Bt, Ct, dA, starts, chunk: int, need, dlast=None):
     """Adjoint recurrence in reverse, chunk by chunk. `need` = flags for (d_dt via A, dA, dB, dC).
 
     g[t] = dL/dh[t] = C[t] dy[t] + dA[t+1] g[t+1]; then dB, dC, d(dt*u) are contractions
@@ -150,7 +186,7 @@ def _scan_backward(dy, dt, dtu, A_nd, Bt, Ct, dA, starts, chunk: int, need):
     hs = dt.new_empty(chunk, batch, state, channels)
     g = dt.new_empty(chunk, batch, state, channels)
     x = dt.new_empty(chunk, batch, state, channels)
-    carry = None                         # dA[t1] * g[t1]: the adjoint flowing back into the chunk's end
+    carry = dlast                        # dA[t1] * g[t1]: the adjoint flowing back into the chunk's end
     d_dtu = torch.empty_like(dt)
     d_dt = torch.empty_like(dt) if need_dt else None
     dB = torch.empty_like(Bt) if need_B else None
@@ -213,7 +249,8 @@ class _SelectiveScanFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk: int, keep: bool):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk: int, keep: bool,
+                want_last: bool):
         ut = u.permute(2, 0, 1).contiguous()
         xt = torch.empty_like(ut)                         # delta (+ bias), time-major
         if delta_bias is None:
@@ -225,7 +262,10 @@ class _SelectiveScanFn(torch.autograd.Function):
         Bt = B.permute(2, 0, 1).contiguous()
         Ct = C.permute(2, 0, 1).contiguous()
         A_nd = A.transpose(-1, -2).contiguous()         # (n, d), or (b, n, d) with one A per sequence
-        y, dA, starts = _scan_forward(dt, dtu, A_nd, Bt, Ct, chunk, keep)
+        y, dA, starts, h_last = _scan_forward(dt, dtu, A_nd, Bt, Ct, chunk, keep)
+        last = h_last.transpose(1, 2).contiguous() if want_last else u.new_empty(0)   # (b, d, n)
+        if not want_last:
+            ctx.mark_non_differentiable(last)
         if D is not None:
             y.addcmul_(ut, D)
         out = torch.empty_like(u)
@@ -240,16 +280,16 @@ class _SelectiveScanFn(torch.autograd.Function):
                                   y if z is not None else None, dA, starts)
             ctx.chunk = chunk
             ctx.has_bias = delta_bias is not None
-        return out
+        return out, last
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, dlast):
         # backward() may be called inside an autocast region; the gradients stay in full precision
         with torch.autocast(dout.device.type, enabled=False):
-            return _SelectiveScanFn._backward(ctx, dout)
+            return _SelectiveScanFn._backward(ctx, dout, dlast)
 
     @staticmethod
-    def _backward(ctx, dout):
+    def _backward(ctx, dout, dlast):
         ut, xt, dt, dtu, A_nd, Bt, Ct, D, z, silu_z, y, dA, starts = ctx.saved_tensors
         n_u, n_delta, n_A, n_B, n_C, n_D, n_z, n_bias = ctx.needs_input_grad[:8]
         dz = None
@@ -262,7 +302,9 @@ class _SelectiveScanFn(torch.autograd.Function):
                 dz = torch.ops.aten.silu_backward(dout * y.permute(1, 2, 0), z)
         need_dt = n_delta or (n_bias and ctx.has_bias)
         d_dtu, d_dt, dA_nd, dBt, dCt = _scan_backward(dyt, dt, dtu, A_nd, Bt, Ct, dA, starts, ctx.chunk,
-                                                      (need_dt, n_A, n_B, n_C))
+                                                      (need_dt, n_A, n_B, n_C),
+                                                      None if dlast is None or dlast.numel() == 0
+                                                      else dlast.transpose(1, 2).to(dt.dtype))
         du = dD = d_delta = d_bias = None
         if n_u:
             du = d_dtu * dt
@@ -279,48 +321,209 @@ class _SelectiveScanFn(torch.autograd.Function):
             d_delta = d_dt.permute(1, 2, 0) if n_delta else None
             d_bias = d_dt.sum(0 if per_seq else (0, 1)) if n_bias and ctx.has_bias else None
         return (du, d_delta, dA_nd.transpose(-1, -2) if n_A else None, dBt.permute(1, 2, 0) if n_B else None,
-                dCt.permute(1, 2, 0) if n_C else None, dD, dz, d_bias, None, None, None)
+                dCt.permute(1, 2, 0) if n_C else None, dD, dz, d_bias, None, None, None, None)
 
 
-def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        return_last_state=False):
     """Pure-PyTorch scan (any device): float64 stays float64, anything else computes in float32."""
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     dtype = u.dtype
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compute = _compute_dtype(dtype)
     per_step = u.shape[0] * u.shape[1] * A.shape[-1]
     chunk = max(1, min(u.shape[2], CHUNK_ELEMENTS // max(per_step, 1)))
     with torch.autocast(u.device.type, enabled=False):
         args = [t if t is None else t.to(compute) for t in (u, delta, A, B, C, D, z, delta_bias)]
         # what the backward needs is kept only when a backward can happen (not under no_grad)
         keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
-        out = _SelectiveScanFn.apply(*args, bool(delta_softplus), chunk, keep)
-    return out.to(dtype)
+        out, last = _SelectiveScanFn.apply(*args, bool(delta_softplus), chunk, keep, bool(return_last_state))
+    return (out.to(dtype), last.to(dtype)) if return_last_state else out.to(dtype)
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
-                   impl: Impl = "auto"):
+class _CompiledScanFn(torch.autograd.Function):
+    """The compiled kernel (csrc/selective_scan.cpp) as one autograd node: it keeps the inputs and
+    a state checkpoint every 64 steps; its backward recomputes the states chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, order, delta_softplus: bool, keep: bool,
+                want_last: bool):
+        ops = _kernel()
+        out, last, ckpt = ops.scan_fwd(u, delta, A, B, C, D, z, delta_bias, order, delta_softplus, keep, want_last)
+        if not want_last:
+            ctx.mark_non_differentiable(last)
+        if keep:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, order, ckpt)
+            ctx.softplus = delta_softplus
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, order, ckpt = ctx.saved_tensors
+        dlast = dlast if dlast is not None and dlast.numel() else None
+        with torch.autocast(dout.device.type, enabled=False):
+            grads = _kernel().scan_bwd(dout.to(u.dtype), dlast, u, delta, A, B, C, D, z, delta_bias, order, ckpt,
+                                       ctx.softplus)
+        need = ctx.needs_input_grad
+        out = [g if need[i] and g.numel() else None for i, g in enumerate(grads)]
+        return (*out, None, None, None, None)
+
+
+def selective_scan_compiled(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                            return_last_state=False, *, order=None):
+    """The compiled CPU kernel; raises RuntimeError (saying what to install) when it cannot be built."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, order)
+    if _kernel() is None:
+        from cxpmrg_lib.models.ssm_build import kernel_problem
+
+        raise RuntimeError(f"the compiled selective scan is unavailable: {kernel_problem() or 'its build failed'}"
+                           " (see the log); use impl='fast' or CXPMRG_SCAN=torch")
+    if u.device.type != "cpu":
+        raise ValueError(f"the compiled selective scan runs on CPU tensors; got {u.device}")
+    dtype = u.dtype
+    compute = _compute_dtype(dtype)
+    with torch.autocast(u.device.type, enabled=False):
+        args = [t if t is None else t.to(compute) for t in (u, delta, A, B, C, D, z, delta_bias)]
+        for i in (2, 5, 7):                          # A, D, bias: small, read once per block
+            if args[i] is not None:
+                args[i] = args[i].contiguous()
+        order = None if order is None else order.to(torch.long).expand(u.shape[0], -1).contiguous()
+        keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+        out, last = _CompiledScanFn.apply(*args, order, bool(delta_softplus), keep, bool(return_last_state))
+    return (out.to(dtype), last.to(dtype)) if return_last_state else out.to(dtype)
+
+
+def _kernel():
+    from cxpmrg_lib.models.ssm_build import load_kernel
+
+    return load_kernel()
+
+
+def compiled_available() -> bool:
+    """Whether the compiled CPU kernel is built (building it now if needed)."""
+    return _kernel() is not None
+
+
+def _apply_order(fn, order, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """Scan sequence b in the order order[b] of its stored positions through gathers (the paths
+    without native `order`): inputs gathered into scan order, the output gathered back."""
+    if order is None:
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    order = order.to(device=u.device, dtype=torch.long).expand(u.shape[0], -1)
+    inverse = torch.argsort(order, dim=-1)
+
+    def take(t, idx):
+        return None if t is None else t.gather(2, idx[:, None, :].expand(-1, t.shape[1], -1))
+
+    res = fn(take(u, order), take(delta, order), A, take(B, order), take(C, order), D, take(z, order), delta_bias,
+             delta_softplus, return_last_state)
+    out, last = res if return_last_state else (res, None)
+    out = take(out, inverse)
+    return (out, last) if return_last_state else out
+
+
+def scan_impl_name(device: str | torch.device = "cpu") -> str:
+    """Which path `selective_scan(impl="auto")` takes for tensors on `device` (recorded in run summaries)."""
+    device = torch.device(device)
+    forced = _forced_impl()
+    if forced is not None:
+        return forced
+    if device.type == "cuda":
+        for name, probe in (("triton", _triton_scan), ("mamba-ssm", _mamba_ssm_scan)):
+            if probe() is not None:
+                return name
+        return "fast"
+    return "compiled" if device.type == "cpu" and compiled_available() else "fast"
+
+
+def take_scan_impls() -> str:
+    """The paths the scan took in this process since the last call ("compiled", "pytorch", "triton",
+    "mamba-ssm", "reference"; comma-joined, "none" if no scan ran), and start a new record: a stage
+    run's summary says which scan its training used."""
+    names = ", ".join(sorted(_ran)) or "none"
+    _ran.clear()
+    return names
+
+
+def _forced_impl() -> str | None:
+    value = os.environ.get(SCAN_ENV, "").strip().lower()
+    if not value or value == "auto":
+        return None
+    value = {"torch": "fast", "pytorch": "fast"}.get(value, value)
+    if value not in ("compiled", "fast", "reference"):
+        raise ValueError(f"{SCAN_ENV}={os.environ[SCAN_ENV]!r}: use auto, compiled, torch (the pure-PyTorch path) "
+                         "or reference")
+    return value
+
+
+def _triton_scan():
+    try:
+        from cxpmrg_lib.models.ssm_triton import selective_scan_triton
+    except ImportError:
+        return None
+    return selective_scan_triton
+
+
+def _mamba_ssm_scan():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:
+        return None
+    return selective_scan_fn
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, order=None, impl: Impl = "auto"):
     """Mamba-1 selective scan with the semantics and signature of mamba_ssm's `selective_scan_fn`.
 
     u, delta, z: (batch, channels, length); A: (channels, state); B, C: (batch, state, length);
-    D, delta_bias: (channels,). Returns (batch, channels, length) in u's dtype.
-    An extension of mamba_ssm's signature: A (batch, channels, state) with D and delta_bias
+    D, delta_bias: (channels,). Returns (batch, channels, length) in u's dtype, and with
+    `return_last_state` also the final state (batch, channels, state), as mamba_ssm does.
+    Extensions of mamba_ssm's signature: A (batch, channels, state) with D and delta_bias
     (batch, channels) give each sequence its own parameters (several scan directions in one
-    call; pure-PyTorch paths only).
-    impl: "auto" uses mamba-ssm's CUDA kernel for CUDA tensors when it imports, else the fast
-    PyTorch path; "fast" and "reference" force a path (tests, benchmarks).
+    call); `order` (batch, length) or (length,) int64 scans sequence b in the order
+    order[b, 0], order[b, 1], ... of its stored positions, every (.., length) tensor (the
+    output too) staying in stored order (reversed and column-major directions without copies
+    on the compiled path).
+    impl: "auto" takes, for CUDA tensors, cxpmrg_lib.models.ssm_triton, then mamba-ssm, then the
+    pure-PyTorch path; for CPU tensors the compiled kernel, else (no compiler) the pure-PyTorch
+    path. "compiled", "fast" (pure PyTorch) and "reference" force a path, as does the environment
+    variable CXPMRG_SCAN=compiled|torch|reference for impl="auto".
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, order)
+    if impl == "auto":
+        impl = _forced_impl() or "auto"
     if impl == "reference":
-        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if impl == "auto" and u.is_cuda and A.dim() == 2:
-        try:
-            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        except ImportError as e:
-            _log_once("cuda-fallback", f"tensors are on CUDA but mamba_ssm does not import ({e}); "
-                      "using the pure-PyTorch selective scan (same results, slower)", logging.WARNING)
-        else:
+        _ran.add("reference")
+        return _apply_order(selective_scan_reference, order, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                            return_last_state)
+    if impl == "compiled" or (impl == "auto" and u.device.type == "cpu" and compiled_available()):
+        _log_once("compiled", "selective scan: compiled CPU kernel")
+        _ran.add("compiled")
+        return selective_scan_compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                       order=order)
+    if impl == "auto" and u.is_cuda:
+        triton = _triton_scan()
+        if triton is not None:
+            _log_once("triton", "selective scan: Triton kernel (cxpmrg_lib.models.ssm_triton)")
+            _ran.add("triton")
+            return _apply_order(triton, order, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                return_last_state)
+        mamba = _mamba_ssm_scan()
+        if mamba is not None and A.dim() == 2:
             _log_once("cuda", "selective scan: mamba-ssm CUDA kernel")
-            return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+            _ran.add("mamba-ssm")
+            return _apply_order(mamba, order, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                return_last_state)
+        _log_once("cuda-fallback", "tensors are on CUDA but neither cxpmrg_lib.models.ssm_triton nor mamba_ssm "
+                  "(for this call) is available; using the pure-PyTorch selective scan (same results, slower)",
+                  logging.WARNING)
     _log_once(f"fast-{u.device.type}", f"selective scan: pure-PyTorch path on {u.device.type}")
-    return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    _ran.add("pytorch")
+    return _apply_order(selective_scan_fast, order, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                        return_last_state)

@@ -173,32 +173,53 @@ class MambaMixer(nn.Module):
         xz = self.in_proj(hidden).transpose(1, 2)                           # (B, 2d, L)
         x, z = xz.chunk(2, dim=1)
         if len(self.directions) > 1 and self.merge_directions and not hidden.is_cuda:
-            ys = self._scan_merged(x, z)
+            ys = self._scan_merged(x, z)                                     # already in token order
         else:
-            ys = [self._scan(self._reorder(x, s), self._reorder(z, s), s) for s in self.directions]
+            ys = [self._reorder(self._scan(self._reorder(x, s), self._reorder(z, s), s), s, inverse=True)
+                  for s in self.directions]
         total = None
-        for suffix, y in zip(self.directions, ys):
-            y = self._reorder(y, suffix, inverse=True)
+        for y in ys:
             total = y if total is None else total + y
         y = total / len(self.directions)
         return self.out_proj(y.transpose(1, 2))
 
     merge_directions = True  # class default; set False on an instance to force the per-direction path
 
+    def scan_orders(self, length: int, device=None) -> torch.Tensor:
+        """(directions, length) int64: step t of direction g's scan reads token orders[g, t] (row-major
+        tokens; `_reorder` as an index, so that the scan reads each direction in place)."""
+        rows = []
+        for suffix in self.directions:
+            idx = torch.arange(length, device=device)
+            if suffix.startswith("_col"):
+                if self.grid is None or self.grid ** 2 != length:
+                    raise ValueError(f"column scans need the full square grid of tokens; got {length} tokens "
+                                     f"for grid {self.grid}")
+                idx = idx.view(self.grid, self.grid).t().reshape(-1)
+            if suffix.endswith("_b"):
+                idx = idx.flip(0)
+            rows.append(idx)
+        return torch.stack(rows)
+
     def _scan_merged(self, x: torch.Tensor, z: torch.Tensor) -> list[torch.Tensor]:
         """Every direction's `_scan` at once: directions stacked as channels for the depthwise conv
         and as a leading dim for the projections, then folded into the batch of one selective scan
-        whose A, D and dt bias are given per sequence. Returns the outputs in scan order."""
+        whose A, D and dt bias are given per sequence. The causal conv needs each direction's scan
+        order (one gather of x); everything after it stays in token order and the scan is told each
+        direction's order (`order=`), so z is not reordered and the outputs need no inverse reorder.
+        Returns the directions' outputs in token order."""
         dirs = self.directions
         g, (b, d, length) = len(dirs), x.shape
         n, r = self.d_state, self.dt_rank
+        orders = self.scan_orders(length, x.device)                                   # (G, L)
+        inverse = torch.argsort(orders, dim=-1)
         mods = [(getattr(self, "conv1d" + s), getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s)) for s in dirs]
-        xs = torch.stack([self._reorder(x, s) for s in dirs], dim=1)               # (B, G, d, L)
-        zs = torch.stack([self._reorder(z, s) for s in dirs], dim=0)               # (G, B, d, L)
+        xs = x.unsqueeze(1).expand(b, g, d, length).gather(3, orders[None, :, None, :].expand(b, g, d, length))
         conv_w = torch.cat([c.weight for c, _, _ in mods])                           # (G*d, 1, k)
         conv_b = torch.cat([c.bias for c, _, _ in mods])
         xc = F.conv1d(xs.reshape(b, g * d, length), conv_w, conv_b, padding=self.d_conv - 1, groups=g * d)
         xc = F.silu(xc[..., :length]).view(b, g, d, length)
+        xc = xc.gather(3, inverse[None, :, None, :].expand(b, g, d, length))         # back to token order
         x_dbl = torch.einsum("bgdl,ged->bgle", xc, torch.stack([xp.weight for _, xp, _ in mods]))
         dt, b_in, c_in = torch.split(x_dbl, [r, n, n], dim=-1)                     # (B, G, L, .)
         delta = torch.einsum("bglr,gdr->gbdl", dt, torch.stack([dp.weight for _, _, dp in mods]))
@@ -211,9 +232,9 @@ class MambaMixer(nn.Module):
                            per_seq(a), b_in.transpose(0, 1).reshape(g * b, length, n).transpose(1, 2),
                            c_in.transpose(0, 1).reshape(g * b, length, n).transpose(1, 2),
                            D=per_seq(torch.stack([getattr(self, "D" + s) for s in dirs]).float()),
-                           z=zs.reshape(g * b, d, length),
+                           z=z.unsqueeze(0).expand(g, b, d, length).reshape(g * b, d, length),
                            delta_bias=per_seq(torch.stack([dp.bias for _, _, dp in mods]).float()),
-                           delta_softplus=True)
+                           delta_softplus=True, order=per_seq(orders))
         return list(y.view(g, b, d, length).unbind(0))
 
 

@@ -14,6 +14,7 @@ import yaml
 from cxpmrg_lib import runlock
 from cxpmrg_lib.errors import RunError
 from cxpmrg_lib.fileio import write_json, write_text
+from cxpmrg_lib.models.ssm import take_scan_impls
 from cxpmrg_lib.presets import get_preset
 from cxpmrg_lib.stage_data import DEFAULT_LOADER
 
@@ -49,6 +50,8 @@ class StageConfig:
     def train_settings(self) -> dict:
         """The preset's TrainConfig defaults with this config's non-None overrides."""
         settings = dict(getattr(get_preset(self.preset), self.preset_defaults))
+        if self.epochs is not None and self.max_steps is None:
+            settings.pop("max_steps", None)      # asked for epochs: a preset's step budget gives way to them
         for key in ("epochs", "max_steps", "batch_size", "lr"):
             value = getattr(self, key)
             if value is not None:
@@ -106,7 +109,7 @@ def start_run(config: StageConfig, stage: str, payload: dict, label: str) -> tup
 
 def finish_run(run_dir: Path, summary: dict) -> Path:
     """Write a run's summary.json (its presence marks the run finished) and release the run."""
-    write_json(Path(run_dir) / "summary.json", summary)
+    write_json(Path(run_dir) / "summary.json", {**summary, "scan_impl": take_scan_impls()})  # not in the config hash
     runlock.release(run_dir)
     return Path(run_dir)
 

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from cxpmrg_lib.data.dataset import collate_studies
 from cxpmrg_lib.fileio import atomic_path, write_json
-from cxpmrg_lib.presets import get_preset
+from cxpmrg_lib.presets import PROJECTION_LR, VALIDATIONS, get_preset
 from cxpmrg_lib.stage_data import load_studies, split_table
 from cxpmrg_lib.stages.common import RunError, StageConfig, read_summary, require_run, resolve_device, start_run, finish_run
 
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ReportLMStageConfig", "pretrain_report_lm", "FinetuneConfig", "finetune_report", "finetune_runs",
            "prerequisites", "load_report_model",
-           "report_examples", "generate_reports", "compare_runs", "validation_fn", "INITS"]
+           "report_examples", "generate_reports", "compare_runs", "validation_fn", "decoding_sweep", "validation_every",
+           "projection_lr_scale", "INITS"]
 
 # stage2: stages 1 + 2 (the full model); stage1: stage 1 only; random: neither;
 # stage2_random: stage 2 from a random encoder (no stage 1).
@@ -46,19 +47,30 @@ class ReportLMStageConfig(StageConfig):
     max_studies: int | None = None
     checkpoint_every: int = 200
     arch: str = "llama"
+    conditioning: str = "findings"     # what the image slot holds in pre-training (report_lm.CONDITIONINGS)
 
     preset_defaults = "lm_stage"
 
+    def __post_init__(self):
+        super().__post_init__()
+        from cxpmrg_lib.models.report_lm import CONDITIONINGS
+
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, not {self.conditioning!r}")
+
 
 class _Reports(Dataset):
-    def __init__(self, reports: list[str]):
+    """Training reports, each with the phrases of the findings it states (empty without conditioning)."""
+
+    def __init__(self, reports: list[str], phrases: list[list[str]] | None = None):
         self.reports = reports
+        self.phrases = phrases if phrases is not None else [[] for _ in reports]
 
     def __len__(self) -> int:
         return len(self.reports)
 
-    def __getitem__(self, i: int) -> str:
-        return self.reports[i]
+    def __getitem__(self, i: int) -> tuple[str, list[str]]:
+        return self.reports[i], self.phrases[i]
 
 
 def pretrain_report_lm(config: ReportLMStageConfig) -> Path:
@@ -71,8 +83,11 @@ def pretrain_report_lm(config: ReportLMStageConfig) -> Path:
     preset = get_preset(config.preset)
     lm_config = replace(preset.report_lm, arch=config.arch)
     settings = config.train_settings()
+    slot_length = preset.encoder.num_patches      # the visual tokens stage 3 puts in the slot
     payload = {**config.payload("report_lm"), "max_studies": config.max_studies,
                "lm": lm_config.to_dict(), "train": settings}
+    if config.conditioning != "none":      # "none" keeps the hash (and the reuse) of runs made before the option
+        payload["conditioning"] = {"kind": config.conditioning, "slot_length": slot_length}
     run_dir, finished = start_run(config, "report_lm", payload, "report LM")
     if finished:
         return run_dir
@@ -86,15 +101,29 @@ def pretrain_report_lm(config: ReportLMStageConfig) -> Path:
     else:
         tokenizer = train_bpe_tokenizer(reports, tok_dir)
     lm = build_report_lm(lm_config, tokenizer)
-    # Trained through the stage-3 wrapper with zero visual tokens: the LM learns reports after the prompt.
+    # Trained through the stage-3 wrapper: the LM learns reports after the prompt, with the image slot
+    # empty ("none") or holding the study's findings in words ("findings"), which stage 3 replaces with
+    # visual tokens; the LM is then frozen, as Llama-2 is in the paper, and it has learned to read its slot.
     wrapper = VisualPrefixLM(lm, tokenizer, visual_dim=1, freeze_lm=False)
+    phrases = None
+    if config.conditioning == "findings":
+        from cxpmrg_lib.labeler import fill_labels
+        from cxpmrg_lib.models.report_lm import condition_phrases
+
+        labelled = fill_labels(table)
+        phrases = [condition_phrases(row) for _, row in labelled.iterrows()]
+        log.info("report LM: %d of %d training reports state a finding for the image slot",
+                 sum(bool(p) for p in phrases), len(phrases))
 
     def loss_fn(model, batch):
-        return model(torch.zeros(len(batch), 0, 1, device=model.proj.weight.device), list(batch))["loss"]
+        reports = [r for r, _ in batch]
+        if phrases is None:
+            return model(torch.zeros(len(batch), 0, 1, device=model.proj.weight.device), reports)["loss"]
+        return model(None, reports, slot=model.condition_slot([p for _, p in batch], slot_length))["loss"]
 
     train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=resolve_device(config.device),
                                **settings)
-    result = train(wrapper, _Reports(reports), loss_fn, train_config, run_dir, collate_fn=list,
+    result = train(wrapper, _Reports(reports, phrases), loss_fn, train_config, run_dir, collate_fn=list,
                    batch_size_of=len, desc=f"report LM ({config.arch})")
     lm_dir = run_dir / "lm"
     lm.cpu().save_pretrained(lm_dir)
@@ -102,6 +131,7 @@ def pretrain_report_lm(config: ReportLMStageConfig) -> Path:
     finish_run(run_dir, {"stage": "report_lm", "config_hash": run_dir.name, "steps": result.steps,
                                           "final_loss": result.final_loss, "train_reports": len(reports),
                                           "lm_dir": str(lm_dir), "arch": config.arch,
+                                          "conditioning": config.conditioning,
                                           "parameters_m": sum(p.numel() for p in lm.parameters()) / 1e6})
     return run_dir
 
@@ -123,6 +153,7 @@ class FinetuneConfig(StageConfig):
     no_repeat_ngram_size: int = 3
     earlier_epochs: float | None = None  # epochs for stages 1-2 and the LM when they must be trained (smoke runs)
     checkpoint_every: int = 200
+    projection_lr: float | None = PROJECTION_LR   # peak lr of the projection into the LM; None: the model's lr
 
     preset_defaults = "stage3"
 
@@ -198,6 +229,8 @@ def finetune_report(config: FinetuneConfig) -> Path:
                "encoder_run": encoder_run.name if encoder_run else None, "lm": str(Path(lm_dir).resolve()),
                "freeze_encoder": config.freeze_encoder, "max_studies": config.max_studies,
                "max_images": config.max_images, "val_studies": config.val_studies, "train": settings}
+    if config.projection_lr is not None:      # None keeps the hash of runs made before the option
+        payload["projection_lr"] = config.projection_lr
     run_dir, finished = start_run(config, "finetune", payload, "stage 3")
     if finished:
         if read_summary(run_dir).get("test_config") != _test_config(config):
@@ -213,7 +246,11 @@ def finetune_report(config: FinetuneConfig) -> Path:
                                   config.loader, config.max_images, on_bad_image=config.on_bad_image)
     lm, tokenizer = load_report_lm(ReportLMConfig(pretrained=str(lm_dir)))
     typical = median_report_tokens(tokenizer, [str(r) for r in table["report"]])
-    head = VisualPrefixLM(lm, tokenizer, encoder.config.dim, typical_report_tokens=typical)
+    # The projection's initialisation from the run's seed, not from whatever drew from the global
+    # generator before (the same config gave other weights when earlier stages trained in this process).
+    torch.manual_seed(config.seed)
+    head = VisualPrefixLM(lm, tokenizer, encoder.config.dim, typical_report_tokens=typical,
+                          proj_lr_scale=projection_lr_scale(config.projection_lr, settings))
     truncated = _count_truncated(head, [str(r) for r in table["report"]])
     model = ReportModel(encoder, head, freeze_encoder=config.freeze_encoder)
     generator_cfg = {"encoder": encoder.config.to_dict(), "lm_dir": str(Path(lm_dir).resolve()),
@@ -226,9 +263,8 @@ def finetune_report(config: FinetuneConfig) -> Path:
 
     eval_fn = validation_fn(val, _decoding(config))
 
-    steps_per_epoch = max(1, len(studies) // settings["batch_size"])
     train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=resolve_device(config.device),
-                               eval_every=steps_per_epoch, best_metric="select", **settings)
+                               eval_every=validation_every(settings, len(studies)), best_metric="select", **settings)
     result = train(model, studies, loss_fn, train_config, run_dir, collate_fn=collate_studies,
                    batch_size_of=lambda b: int(b["image_mask"].sum()), model_config=generator_cfg,
                    eval_fn=eval_fn, desc=f"stage 3 (report, {config.init} init)")
@@ -243,6 +279,18 @@ def finetune_report(config: FinetuneConfig) -> Path:
     summary.update(_test_predictions(model, config, run_dir))
     finish_run(run_dir, summary)
     return run_dir
+
+
+def validation_every(settings: dict, n_studies: int, validations: int = VALIDATIONS) -> int:
+    """Optimizer steps between validations: `validations` evenly spaced ones per run, the last at the end."""
+    from cxpmrg_lib.trainer import TrainConfig, total_steps_for
+
+    return max(1, total_steps_for(TrainConfig(**settings), n_studies) // validations)
+
+
+def projection_lr_scale(projection_lr: float | None, settings: dict) -> float:
+    """The projection's rate as a multiple of the run's peak rate (the trainer's per-part `_lr_scale`)."""
+    return 1.0 if projection_lr is None else float(projection_lr) / float(settings["lr"])
 
 
 def finetune_runs(configs: dict[str, FinetuneConfig], jobs: int = 0) -> dict[str, Path]:
@@ -263,15 +311,40 @@ def finetune_runs(configs: dict[str, FinetuneConfig], jobs: int = 0) -> dict[str
 def validation_fn(val, decoding: dict):
     """The checkpoint selection every trained report generator shares: greedy reports for the
     validation studies (the other decoding settings as for the test), scored without METEOR;
-    `select` = BLEU-4 + CE-F1."""
+    `select` = BLEU-4 + CE-F1 (the paper's 0.8 BLEU-4 + 0.2 CIDEr rewards a generic report that
+    is fluent; CE-F1 in the sum rewards reports that follow the image, which is what the
+    collapse onto the normal report loses). Also recorded along training, for the diagnostics of
+    the book: the share of distinct reports and, per observation, the share of reports the
+    labeller reads as positive (`pos:<label>`) beside the references' share (`ref:<label>`)."""
+    from cxpmrg_lib.labeler import label_reports
     from cxpmrg_lib.metrics import score_reports
+    from cxpmrg_lib.observations import CHEXPERT_LABELS
+
+    references = list(val.reports)
+    ref_rates = (label_reports(references)[CHEXPERT_LABELS] == 1.0).mean()
 
     def eval_fn(model):
         preds = generate_reports(model, val, batch_size=16, **{**decoding, "num_beams": 1})
-        s = score_reports(list(val.reports), preds, meteor=False)
-        return {"bleu4": s["bleu4"], "ce_f1": s["ce_f1"], "select": s["bleu4"] + s["ce_f1"]}
+        s = score_reports(references, preds, meteor=False)
+        rates = (label_reports(preds)[CHEXPERT_LABELS] == 1.0).mean()
+        out = {"bleu4": s["bleu4"], "ce_f1": s["ce_f1"], "select": s["bleu4"] + s["ce_f1"],
+               "distinct": len(set(preds)) / max(1, len(preds))}
+        out.update({f"pos:{c}": float(rates[c]) for c in CHEXPERT_LABELS})
+        out.update({f"ref:{c}": float(ref_rates[c]) for c in CHEXPERT_LABELS})
+        return out
 
     return eval_fn
+
+
+def decoding_sweep(config: FinetuneConfig, run_dir: str | os.PathLike, grid: dict | None = None):
+    """A finished stage-3 run's validation BLEU-4, CE-F1 and distinct-report share under every decoding
+    setting of `grid` (diagnostics.SWEEP_GRID by default): how much of a collapse decoding explains."""
+    from cxpmrg_lib.diagnostics import SWEEP_GRID, decoding_sweep as sweep
+
+    model = load_report_model(run_dir)
+    val, _ = load_studies(config.dataset_root, model.image_size, "val", config.dataset_kind, config.val_studies,
+                          config.loader, config.max_images, on_bad_image=config.on_bad_image)
+    return sweep(model, val, grid or SWEEP_GRID)
 
 
 def _count_truncated(head, reports: list[str]) -> int:

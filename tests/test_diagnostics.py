@@ -1,0 +1,88 @@
+"""Training diagnostics: validation records read back from run folders, label rates, the decoding sweep,
+and whether an encoder's features differ between studies."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from cxpmrg_lib import diagnostics
+from cxpmrg_lib.observations import CHEXPERT_LABELS
+
+
+def _run(tmp_path, name, evals):
+    run = tmp_path / name
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+        for step, ev in evals:
+            f.write(json.dumps({"step": step, "eval": ev}) + "\n")
+    return run
+
+
+def _ev(ce, distinct, card):
+    ev = {"bleu4": 0.1, "ce_f1": ce, "select": 0.1 + ce, "distinct": distinct}
+    ev.update({f"pos:{c}": 0.0 for c in CHEXPERT_LABELS})
+    ev.update({f"ref:{c}": 0.2 for c in CHEXPERT_LABELS})
+    ev["pos:Cardiomegaly"] = card
+    return ev
+
+
+def test_curves_rates_and_collapse_table(tmp_path):
+    a = _run(tmp_path, "a", [(10, _ev(0.2, 0.02, 0.0)), (20, _ev(0.35, 0.6, 0.15))])
+    b = _run(tmp_path, "b", [(10, _ev(0.24, 0.01, 0.0))])
+    curves = diagnostics.validation_curves({"A": a, "B": b, "floor": None, "gone": tmp_path / "nope"})
+    assert list(curves["system"]) == ["A", "A", "B"] and list(curves["step"]) == [10, 20, 10]
+    rates = diagnostics.label_rates(curves)
+    card = rates[(rates["system"] == "A") & (rates["observation"] == "Cardiomegaly")].iloc[0]
+    assert card["predicted"] == 0.15 and card["reference"] == 0.2 and card["step"] == 20
+    table = diagnostics.collapse_table(curves)
+    assert table.loc["A", "distinct first"] == 0.02 and table.loc["A", "distinct last"] == 0.6
+    assert table.loc["A", "findings named"] == 1 and table.loc["B", "findings named"] == 0
+    assert table.loc["A", "best CE-F1"] == 0.35
+
+
+class _Echo(torch.nn.Module):
+    """Writes a report that depends on the image only when decoding uses no repetition penalty."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, images, image_mask=None, num_beams=1, repetition_penalty=1.0, **_):
+        if repetition_penalty > 1.0:
+            return ["the lungs are clear ."] * len(images)
+        return ["there is cardiomegaly ." if float(x.mean()) > 0 else "the lungs are clear ." for x in images]
+
+
+class _Studies(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.images = [torch.full((1, 1, 4, 4), 1.0 if i % 2 else -1.0) for i in range(n)]
+        self.reports = ["there is cardiomegaly ." if i % 2 else "the lungs are clear ." for i in range(n)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i][0:1], "image_mask": torch.ones(1, dtype=torch.bool),
+                "report": self.reports[i], "labels": torch.zeros(14), "study_id": str(i)}
+
+
+def test_decoding_sweep_scores_every_setting():
+    sweep = diagnostics.decoding_sweep(_Echo(), _Studies(8), {"num_beams": (1,), "repetition_penalty": (1.0, 2.0),
+                                                            "no_repeat_ngram_size": (0,)})
+    assert len(sweep) == 2
+    free, penalised = sweep.iloc[0], sweep.iloc[1]
+    assert free["distinct"] == pytest.approx(2 / 8) and penalised["distinct"] == pytest.approx(1 / 8)
+    assert free["ce_f1"] > penalised["ce_f1"]
+
+
+def test_feature_spread_tells_constant_features_from_varied_ones():
+    studies = _Studies(8)
+    constant = diagnostics.feature_spread(lambda x, m: torch.ones(x.shape[0], 3, 5), studies)
+    varied = diagnostics.feature_spread(lambda x, m: x.flatten(1)[:, None, :4].repeat(1, 3, 1) + 0.1, studies)
+    assert constant["between_study_spread"] == pytest.approx(0.0, abs=1e-6)
+    assert constant["mean_cosine_between_studies"] == pytest.approx(1.0)
+    assert varied["between_study_spread"] > 1.0 and varied["mean_cosine_between_studies"] < 0.5
