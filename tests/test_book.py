@@ -59,10 +59,10 @@ def test_smoke_book_builds_with_data_chapter(smoke_book):
     assert "The iu-phantom: real IU X-Ray reports" in page and "iu-phantom: 2 systems" in page
     # efficiency: scan table, encoder curves, stage times, benchmark costs (no profiler noise)
     page = (html / "notebooks" / "05_efficiency.html").read_text()
-    for text in ("The selective scan: ours, mambapy and the sequential reference",
+    for text in ("The selective scan: ours (compiled, pure PyTorch), mambapy and the sequential reference",
                  "Encoder training throughput against a ViT of the same size",
                  "Stage wall times and peak memory", "Parameters and training time per benchmarked system",
-                 "ours vs reference", "stage 1 (autoregressive)", "MambaXray-VL"):
+                 "compiled vs reference", "stage 1 (autoregressive)", "MambaXray-VL"):
         assert text in page, text
     assert "USDT" not in page
     assert len(re.findall(r'<img[^>]+src="([^"]+)"', page)) >= 4
