@@ -27,7 +27,7 @@ def _stage3_config(data, **kw):
             "loader": {"section": "findings", "split": "patient"}, "device": "cpu", "on_bad_image": "skip",
             "init": "stage2", "freeze_encoder": False, "lm_pretrained": None, "max_studies": None, "max_images": 2,
             "val_studies": 64, "test_studies": None, "num_beams": 3, "repetition_penalty": 2.0,
-            "no_repeat_ngram_size": 3, "earlier_epochs": None, "checkpoint_every": 200, **kw}
+            "no_repeat_ngram_size": 3, "earlier_epochs": None, "checkpoint_every": 200, "projection_lr": 3e-3, **kw}
 
 
 def test_run_table_reads_every_run_and_says_what_is_missing(tmp_path):
