@@ -35,7 +35,7 @@ def validation_curves(runs: Mapping[str, str | os.PathLike]) -> pd.DataFrame:
     systems without validation records (floors, a missing folder) are left out."""
     rows = []
     for name, run in runs.items():
-        if run is None or (isinstance(run, float)) or not Path(run).is_dir():
+        if run is None or isinstance(run, float) or not Path(run).is_dir():     # float: NaN from a CSV
             continue
         for rec in read_metrics(run):
             if "eval" in rec:
@@ -76,7 +76,7 @@ def collapse_table(curves: pd.DataFrame) -> pd.DataFrame:
 def decoding_sweep(model, studies, grid: Mapping[str, tuple] = SWEEP_GRID, batch_size: int = 16) -> pd.DataFrame:
     """BLEU-4, CE-F1 and the share of distinct reports of `model` on `studies` for every decoding setting
     of `grid` (validation studies: the test split is never used to choose decoding)."""
-    from cxpmrg_lib.metrics import score_reports
+    from cxpmrg_lib.metrics import report_scores
     from cxpmrg_lib.progress import tqdm
     from cxpmrg_lib.stages.report import generate_reports
 
@@ -86,9 +86,7 @@ def decoding_sweep(model, studies, grid: Mapping[str, tuple] = SWEEP_GRID, batch
     rows = []
     for setting in tqdm(settings, desc="decoding sweep", unit="setting"):
         preds = generate_reports(model, studies, batch_size=batch_size, **setting)
-        s = score_reports(references, preds, meteor=False)
-        rows.append({**setting, "bleu4": s["bleu4"], "ce_f1": s["ce_f1"],
-                     "distinct": len(set(preds)) / max(1, len(preds))})
+        rows.append({**setting, **report_scores(references, preds)})
     return pd.DataFrame(rows)
 
 

@@ -42,7 +42,7 @@ from cxpmrg_lib.metrics_stats import (bootstrap_p_value, bootstrap_weights, perc
 log = logging.getLogger(__name__)
 
 __all__ = ["METRIC_KEYS", "NLG_KEYS", "CE_KEYS", "CE_HEADLINE_KEYS", "CONVENTIONS", "StudyStats",
-           "study_stats", "nlg_scores", "ce_scores", "ce_from_labels", "ce_per_label", "score_reports",
+           "study_stats", "nlg_scores", "ce_scores", "ce_from_labels", "ce_per_label", "score_reports", "report_scores",
            "bootstrap_ci", "paired_test", "compare_stats", "MeteorUnavailable", "close_meteor",
            "normalize_text"]
 
@@ -108,7 +108,13 @@ class StudyStats:
                 parts[k].append(v)
         return {k: np.concatenate(v) for k, v in parts.items()}
 
-    def bootstrap_ci(self, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+    def report_scores(references, predictions) -> dict:
+    """BLEU-4, CE-F1 (no METEOR) and the share of distinct reports: what validation and the sweep record."""
+    s = score_reports(list(references), list(predictions), meteor=False)
+    return {"bleu4": s["bleu4"], "ce_f1": s["ce_f1"], "distinct": len(set(predictions)) / max(1, len(predictions))}
+
+
+def bootstrap_ci(self, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
                      metrics: Iterable[str] | None = None, progress: bool | None = None) -> dict[str, tuple[float, float]]:
         """Percentile (1 - alpha) CIs over studies, key -> (lo, hi)."""
         keys = _check_metrics(metrics, self.keys)

@@ -316,8 +316,8 @@ def validation_fn(val, decoding: dict):
     collapse onto the normal report loses). Also recorded along training, for the diagnostics of
     the book: the share of distinct reports and, per observation, the share of reports the
     labeller reads as positive (`pos:<label>`) beside the references' share (`ref:<label>`)."""
+    from cxpmrg_lib.metrics import report_scores
     from cxpmrg_lib.labeler import label_reports
-    from cxpmrg_lib.metrics import score_reports
     from cxpmrg_lib.observations import CHEXPERT_LABELS
 
     references = list(val.reports)
@@ -325,10 +325,9 @@ def validation_fn(val, decoding: dict):
 
     def eval_fn(model):
         preds = generate_reports(model, val, batch_size=16, **{**decoding, "num_beams": 1})
-        s = score_reports(references, preds, meteor=False)
+        out = report_scores(references, preds)
+        out["select"] = out["bleu4"] + out["ce_f1"]
         rates = (label_reports(preds)[CHEXPERT_LABELS] == 1.0).mean()
-        out = {"bleu4": s["bleu4"], "ce_f1": s["ce_f1"], "select": s["bleu4"] + s["ce_f1"],
-               "distinct": len(set(preds)) / max(1, len(preds))}
         out.update({f"pos:{c}": float(rates[c]) for c in CHEXPERT_LABELS})
         out.update({f"ref:{c}": float(ref_rates[c]) for c in CHEXPERT_LABELS})
         return out
