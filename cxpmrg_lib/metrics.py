@@ -108,13 +108,7 @@ class StudyStats:
                 parts[k].append(v)
         return {k: np.concatenate(v) for k, v in parts.items()}
 
-    def report_scores(references, predictions) -> dict:
-    """BLEU-4, CE-F1 (no METEOR) and the share of distinct reports: what validation and the sweep record."""
-    s = score_reports(list(references), list(predictions), meteor=False)
-    return {"bleu4": s["bleu4"], "ce_f1": s["ce_f1"], "distinct": len(set(predictions)) / max(1, len(predictions))}
-
-
-def bootstrap_ci(self, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+    def bootstrap_ci(self, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
                      metrics: Iterable[str] | None = None, progress: bool | None = None) -> dict[str, tuple[float, float]]:
         """Percentile (1 - alpha) CIs over studies, key -> (lo, hi)."""
         keys = _check_metrics(metrics, self.keys)
@@ -257,6 +251,12 @@ def score_reports(references: Sequence, predictions: Sequence, meteor: bool = Tr
     st = study_stats(references, predictions, meteor=meteor, convention=convention, labeler=labeler,
                      ref_labels=ref_labels, pred_labels=pred_labels, lowercase=lowercase)
     return _result(st, METRIC_KEYS)
+
+
+def report_scores(references: Sequence, predictions: Sequence) -> dict:
+    """BLEU-4, CE-F1 (no METEOR) and the share of distinct reports: what validation and the sweep record."""
+    s = score_reports(list(references), list(predictions), meteor=False)
+    return {"bleu4": s["bleu4"], "ce_f1": s["ce_f1"], "distinct": len(set(predictions)) / max(1, len(predictions))}
 
 
 def bootstrap_ci(references: Sequence, predictions: Sequence, n_boot: int = 1000, seed: int = 0,
