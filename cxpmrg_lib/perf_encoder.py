@@ -21,6 +21,7 @@ from cxpmrg_lib.progress import tqdm
 from cxpmrg_lib.fileio import write_json
 from cxpmrg_lib.models.vision_mamba import EncoderConfig, VisionMamba, sincos_pos_embed_2d
 from cxpmrg_lib.presets import get_preset
+from cxpmrg_lib.trainer import adamw
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class ViTEncoder(nn.Module):
 
 def train_step(model: nn.Module, images: torch.Tensor):
     """A closure running one training step (forward, backward, AdamW) of an encoder on `images`."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model.parameters(), lr=1e-4)
 
     def step():
         out = model(images)

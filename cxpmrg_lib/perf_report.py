@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from cxpmrg_lib.fileio import write_json
+from cxpmrg_lib.trainer import adamw
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def _train_rate(model, studies, batch: int, steps: int, freeze_encoder: bool, pr
         for p in model.encoder.parameters():
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = adamw(params, lr=1e-4)
     batches = [collate_studies([studies[(k * batch + i) % len(studies)] for i in range(batch)])
                for k in range(steps + 1)]
 

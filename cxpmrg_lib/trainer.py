@@ -43,7 +43,7 @@ from cxpmrg_lib.progress import tqdm
 from cxpmrg_lib.fileio import atomic_dir, atomic_path, write_json, write_text
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "train", "load_weights", "save_weights",
-           "read_metrics", "latest_checkpoint", "optimizer_param_groups", "build_optimizer", "lr_factor",
+           "read_metrics", "latest_checkpoint", "optimizer_param_groups", "build_optimizer", "adamw", "lr_factor",
            "total_steps_for"]
 
 log = logging.getLogger(__name__)
@@ -226,13 +226,24 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     return [groups[k] for k in sorted(groups, key=lambda k: (k[1] != 1.0, k[0], k[1]))]
 
 
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """torch.optim.AdamW, fused (one kernel over all parameters) where torch has the fused kernel for
+    every parameter's device and dtype (CPU and CUDA floats): on a CPU the default per-parameter loop
+    costs about 3.4x the fused step (300 tensors of 16k values, 1 thread), and a Vision Mamba has
+    many small tensors (each direction's conv, projections, A and D). Same update rule."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(tensors) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
+    return torch.optim.AdamW(groups, fused=fused, **kwargs)
+
+
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     groups = optimizer_param_groups(model, config.weight_decay)
     if not groups:
         raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True: nothing to train")
-    return torch.optim.AdamW([{**{k: v for k, v in g.items() if k not in ("names", "lr_scale")},
-                               "lr": config.lr * g["lr_scale"]} for g in groups],
-                             lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    return adamw([{**{k: v for k, v in g.items() if k not in ("names", "lr_scale")},
+                   "lr": config.lr * g["lr_scale"]} for g in groups],
+                 lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:

@@ -5,6 +5,7 @@ import torch
 from cxpmrg_lib.models.arm import ARMPretrainer
 from cxpmrg_lib.models.vision_mamba import (DIRECTION_PARAMS, EncoderConfig, MambaMixer, VisionMamba,
                                             expand_to_four_way, sincos_pos_embed_2d)
+from cxpmrg_lib.models.ssm import SCAN_ENV, compiled_available
 from cxpmrg_lib.presets import PRESETS, get_preset
 
 MAMBA_NAMES = {"in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
@@ -140,8 +141,13 @@ def test_column_scans_need_the_full_grid():
         mixer(torch.randn(1, 6, 8))
 
 
-def test_merged_directions_equal_the_per_direction_loop():
-    """The CPU path runs all directions in one batched scan; it must compute what separate scans do."""
+@pytest.mark.parametrize("scan", ["compiled", "torch"])
+def test_merged_directions_equal_the_per_direction_loop(scan, monkeypatch):
+    """The CPU path runs all directions in one batched scan; it must compute what separate scans do.
+    With the compiled kernel the merged path also takes the compiled conv and the channels-last layout."""
+    if scan == "compiled" and not compiled_available():
+        pytest.skip("the compiled scan did not build here")
+    monkeypatch.setenv(SCAN_ENV, scan)
     torch.manual_seed(0)
     mixer = MambaMixer(16, d_state=4, directions=("", "_b", "_col", "_col_b"), grid=3).double()
     with torch.no_grad():                          # directions that differ from each other
@@ -159,3 +165,22 @@ def test_merged_directions_equal_the_per_direction_loop():
     for (name, _), a, b in zip([("input", None), *mixer.named_parameters()], g1, g2):
         # A_log passes through float32 (.float()) in both paths: agreement to float32 rounding
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-9), name
+
+
+@pytest.mark.skipif(not compiled_available(), reason="the compiled scan did not build here")
+def test_merged_compiled_path_float32_full_blocks():
+    """float32 with 16 states and 64 channels (full vector blocks, the specialised kernels): the merged
+    compiled path (conv, channels-last scan) against the per-direction loop, values and gradients."""
+    torch.manual_seed(0)
+    mixer = MambaMixer(32, d_state=16, directions=("", "_b", "_col", "_col_b"), grid=4)
+    h = torch.randn(3, 16, 32, requires_grad=True)
+    params = [h, *mixer.parameters()]
+    results = []
+    for merge in (True, False):
+        mixer.merge_directions = merge
+        y = mixer(h)
+        results.append((y.detach(), torch.autograd.grad((y * y.detach().sin()).sum(), params)))
+    (y1, g1), (y2, g2) = results
+    assert torch.allclose(y1, y2, rtol=1e-4, atol=1e-5)
+    for (name, _), a, b in zip([("input", None), *mixer.named_parameters()], g1, g2):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), name

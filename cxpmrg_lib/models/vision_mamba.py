@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxpmrg_lib.models.ssm import selective_scan
+from cxpmrg_lib.models import mixer_conv
+from cxpmrg_lib.models.ssm import scan_impl_name, selective_scan
 
 __all__ = ["EncoderConfig", "VisionMamba", "MambaMixer", "EncoderOutput", "expand_to_four_way",
            "sincos_pos_embed_2d", "study_tokens", "match_channels", "DIRECTIONS", "DIRECTION_PARAMS"]
@@ -167,12 +168,13 @@ class MambaMixer(nn.Module):
         """hidden (B, L, dim) -> (B, L, dim); with several directions their outputs are averaged.
 
         Several directions on a CPU run as one batched computation (`_scan_merged`: the same
-        arithmetic, a quarter of the per-step dispatches for 4-way); on CUDA each direction calls
-        mamba-ssm's kernel (`_scan`), which takes one parameter set per call.
+        arithmetic, a quarter of the per-step dispatches for 4-way); with the compiled CPU kernels a
+        single direction takes that path too (the compiled conv and the channels-last layout). On CUDA
+        each direction calls mamba-ssm's kernel (`_scan`), which takes one parameter set per call.
         """
         xz = self.in_proj(hidden).transpose(1, 2)                           # (B, 2d, L)
         x, z = xz.chunk(2, dim=1)
-        if len(self.directions) > 1 and self.merge_directions and not hidden.is_cuda:
+        if self.merge_directions and not hidden.is_cuda and (len(self.directions) > 1 or _compiled_cpu(hidden)):
             ys = self._scan_merged(x, z)                                     # already in token order
         else:
             ys = [self._reorder(self._scan(self._reorder(x, s), self._reorder(z, s), s), s, inverse=True)
@@ -180,7 +182,7 @@ class MambaMixer(nn.Module):
         total = None
         for y in ys:
             total = y if total is None else total + y
-        y = total / len(self.directions)
+        y = total if len(ys) == 1 else total / len(ys)
         return self.out_proj(y.transpose(1, 2))
 
     merge_directions = True  # class default; set False on an instance to force the per-direction path
@@ -212,30 +214,59 @@ class MambaMixer(nn.Module):
         g, (b, d, length) = len(dirs), x.shape
         n, r = self.d_state, self.dt_rank
         orders = self.scan_orders(length, x.device)                                   # (G, L)
-        inverse = torch.argsort(orders, dim=-1)
         mods = [(getattr(self, "conv1d" + s), getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s)) for s in dirs]
-        xs = x.unsqueeze(1).expand(b, g, d, length).gather(3, orders[None, :, None, :].expand(b, g, d, length))
-        conv_w = torch.cat([c.weight for c, _, _ in mods])                           # (G*d, 1, k)
-        conv_b = torch.cat([c.bias for c, _, _ in mods])
-        xc = F.conv1d(xs.reshape(b, g * d, length), conv_w, conv_b, padding=self.d_conv - 1, groups=g * d)
-        xc = F.silu(xc[..., :length]).view(b, g, d, length)
-        xc = xc.gather(3, inverse[None, :, None, :].expand(b, g, d, length))         # back to token order
-        x_dbl = torch.einsum("bgdl,ged->bgle", xc, torch.stack([xp.weight for _, xp, _ in mods]))
-        dt, b_in, c_in = torch.split(x_dbl, [r, n, n], dim=-1)                     # (B, G, L, .)
-        delta = torch.einsum("bglr,gdr->gbdl", dt, torch.stack([dp.weight for _, _, dp in mods]))
+
+        def stack(ts: list[torch.Tensor]) -> torch.Tensor:                            # one direction: a view
+            return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+        x_proj_w = stack([xp.weight for _, xp, _ in mods])                           # (G, r + 2n, d)
+        dt_proj_w = stack([dp.weight for _, _, dp in mods])                          # (G, d, r)
+        if _compiled_cpu(x):
+            # channels innermost throughout: the compiled conv writes (G, B, L, d) in token order, the
+            # projections are batched matmuls over it, and the scan reads u, delta, z and writes its
+            # output in that layout (no gathers, no layout copies; the output's transpose is contiguous)
+            conv_w = stack([c.weight[:, 0, :] for c, _, _ in mods])                 # (G, d, k)
+            xc = mixer_conv.causal_conv_silu(x, conv_w, stack([c.bias for c, _, _ in mods]), orders)
+            x_dbl = torch.matmul(xc.view(g, b * length, d), x_proj_w.transpose(1, 2))  # (G, B*L, r + 2n)
+            dt, b_in, c_in = torch.split(x_dbl, [r, n, n], dim=-1)
+            delta = torch.matmul(dt, dt_proj_w.transpose(1, 2))                     # (G, B*L, d)
+
+            def seq_major(t: torch.Tensor) -> torch.Tensor:                         # (G, B*L, c) -> (G*B, c, L)
+                return t.reshape(g * b, length, t.shape[-1]).transpose(1, 2)
+
+            u, delta, b_in, c_in = seq_major(xc.view(g, b * length, d)), seq_major(delta), seq_major(b_in), \
+                seq_major(c_in)
+            z_all = seq_major(z.transpose(1, 2).unsqueeze(0).expand(g, b, length, d).reshape(g, b * length, d))
+        else:
+            inverse = torch.argsort(orders, dim=-1)
+            xs = x.unsqueeze(1).expand(b, g, d, length).gather(3, orders[None, :, None, :].expand(b, g, d, length))
+            conv_w = torch.cat([c.weight for c, _, _ in mods])                       # (G*d, 1, k)
+            conv_b = torch.cat([c.bias for c, _, _ in mods])
+            xc = F.conv1d(xs.reshape(b, g * d, length), conv_w, conv_b, padding=self.d_conv - 1, groups=g * d)
+            xc = F.silu(xc[..., :length]).view(b, g, d, length)
+            xc = xc.gather(3, inverse[None, :, None, :].expand(b, g, d, length))     # back to token order
+            x_dbl = torch.einsum("bgdl,ged->bgle", xc, x_proj_w)
+            dt, b_in, c_in = torch.split(x_dbl, [r, n, n], dim=-1)                 # (B, G, L, .)
+            delta = torch.einsum("bglr,gdr->gbdl", dt, dt_proj_w).reshape(g * b, d, length)
+            u = xc.transpose(0, 1).reshape(g * b, d, length)
+            b_in = b_in.transpose(0, 1).reshape(g * b, length, n).transpose(1, 2)
+            c_in = c_in.transpose(0, 1).reshape(g * b, length, n).transpose(1, 2)
+            z_all = z.unsqueeze(0).expand(g, b, d, length).reshape(g * b, d, length)
 
         def per_seq(t: torch.Tensor) -> torch.Tensor:                               # (G, ...) -> (G*B, ...)
             return t.unsqueeze(1).expand(g, b, *t.shape[1:]).reshape(g * b, *t.shape[1:])
 
-        a = -torch.exp(torch.stack([getattr(self, "A_log" + s) for s in dirs]).float())
-        y = selective_scan(xc.transpose(0, 1).reshape(g * b, d, length), delta.reshape(g * b, d, length),
-                           per_seq(a), b_in.transpose(0, 1).reshape(g * b, length, n).transpose(1, 2),
-                           c_in.transpose(0, 1).reshape(g * b, length, n).transpose(1, 2),
-                           D=per_seq(torch.stack([getattr(self, "D" + s) for s in dirs]).float()),
-                           z=z.unsqueeze(0).expand(g, b, d, length).reshape(g * b, d, length),
-                           delta_bias=per_seq(torch.stack([dp.bias for _, _, dp in mods]).float()),
+        a = -torch.exp(stack([getattr(self, "A_log" + s) for s in dirs]).float())
+        y = selective_scan(u, delta, per_seq(a), b_in, c_in,
+                           D=per_seq(stack([getattr(self, "D" + s) for s in dirs]).float()),
+                           z=z_all, delta_bias=per_seq(stack([dp.bias for _, _, dp in mods]).float()),
                            delta_softplus=True, order=per_seq(orders))
         return list(y.view(g, b, d, length).unbind(0))
+
+
+def _compiled_cpu(x: torch.Tensor) -> bool:
+    """Whether the mixer takes the compiled CPU kernels (scan and conv) for x."""
+    return x.device.type == "cpu" and scan_impl_name("cpu") == "compiled" and mixer_conv.available()
 
 
 class SwiGLU(nn.Module):

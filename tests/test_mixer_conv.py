@@ -1,0 +1,59 @@
+"""The compiled causal depthwise conv + SiLU of the merged mixer (models/mixer_conv.py) against conv1d."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cxpmrg_lib.models import mixer_conv
+
+pytestmark = pytest.mark.skipif(not mixer_conv.available(), reason="the compiled scan extension did not build here")
+
+
+def reference(x, weight, bias, orders):
+    """Gather into each direction's order, conv1d with padding K - 1, SiLU, scatter back to tokens."""
+    g_count, dim, k = weight.shape
+    outs = []
+    for g in range(g_count):
+        o = orders[g]
+        y = F.silu(F.conv1d(x[:, :, o], weight[g][:, None, :], bias[g], padding=k - 1, groups=dim)[..., :x.shape[2]])
+        tok = torch.empty_like(y)
+        tok[:, :, o] = y
+        outs.append(tok.transpose(1, 2))
+    return torch.stack(outs)
+
+
+def _inputs(batch, dim, length, dtype, channels_last, g_count=4, k=4, seed=0):
+    torch.manual_seed(seed)
+    if channels_last:    # a slice of a (batch, length, 2 dim) projection, as the mixer passes it
+        x = torch.randn(batch, length, 2 * dim, dtype=dtype)[..., :dim].transpose(1, 2)
+    else:
+        x = torch.randn(batch, dim, length, dtype=dtype)
+    weight = torch.randn(g_count, dim, k, dtype=dtype)
+    bias = torch.randn(g_count, dim, dtype=dtype)
+    orders = torch.stack([torch.randperm(length) for _ in range(g_count)])
+    return x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), orders
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("shape", [(3, 40, 16), (2, 32, 64), (1, 5, 3)])
+def test_matches_conv1d_values_and_gradients(shape, channels_last):
+    x, w, b, orders = _inputs(*shape, torch.float32, channels_last)
+    out = mixer_conv.causal_conv_silu(x, w, b, orders)
+    ref = reference(x, w, b, orders)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    weight = torch.randn_like(ref)
+    got = torch.autograd.grad((out * weight).sum(), (x, w, b))
+    want = torch.autograd.grad((ref * weight).sum(), (x, w, b))
+    for name, a, e in zip(("x", "weight", "bias"), got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_gradcheck_float64():
+    x, w, b, orders = _inputs(2, 19, 9, torch.float64, channels_last=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: mixer_conv.causal_conv_silu(x, w, b, orders), (x, w, b))
+
+
+def test_shape_errors_name_the_arguments():
+    x, w, b, orders = _inputs(2, 8, 6, torch.float32, channels_last=False)
+    with pytest.raises(ValueError, match="orders"):
+        mixer_conv.causal_conv_silu(x, w, b, orders[:, :5])
