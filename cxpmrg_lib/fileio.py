@@ -1,7 +1,10 @@
 """Atomic file writes: a crash never leaves a half-written file behind.
 
 Everything the library writes goes to a temporary name in the same folder and is
-renamed into place (rename is atomic on one file system).
+renamed into place (rename is atomic on one file system). The temporary names are created
+private (mkstemp 0600, mkdtemp 0700); before the rename they get the modes a plain open() or
+mkdir() would give under the process's umask, so that a colleague on a shared machine can
+read a finished run when the umask allows it.
 """
 from __future__ import annotations
 
@@ -10,8 +13,30 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status), else
+    by setting and restoring it under a lock."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, is_dir: bool) -> None:
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~current_umask())
 
 
 @contextlib.contextmanager
@@ -24,6 +49,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():
+            _publish_mode(tmp, is_dir=False)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -79,6 +106,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _publish_mode(tmp, is_dir=True)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():

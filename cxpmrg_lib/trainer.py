@@ -1,4 +1,9 @@
-"""One training loop for every stage and baseline, on HF accelerate.
+"""One training loop for every stage and baseline.
+
+Of HF accelerate it uses only the process state (`PartialState`: rank, world size, device, the
+process group that `accelerate launch` or torchrun sets up) and its helpers to broadcast and gather
+Python objects and move batches to the device; it does not use `Accelerator.prepare` or a DDP
+wrapper, and averages the gradients itself (see below).
 
 AdamW with linear warm-up then cosine decay, gradient clipping and accumulation, bf16
 autocast on GPUs, metrics.jsonl, safetensors checkpoints and automatic resume.

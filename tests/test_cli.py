@@ -68,3 +68,15 @@ def test_evaluate_command_prints_table_writes_json_and_runs_paired_test(tmp_path
     assert main(["evaluate", "--predictions", str(tmp_path / "c.csv"), "--no-meteor"]) == 2
     err = capsys.readouterr().err
     assert "c.csv" in err and "prediction" in err
+
+
+def test_python_m_cxpmrg_lib_is_the_cxpmrg_command(tmp_path):
+    """`python -m cxpmrg_lib` takes the command's arguments and exit codes (a user error exits 2)."""
+    import subprocess
+    import sys
+
+    help_text = subprocess.run([sys.executable, "-m", "cxpmrg_lib", "--help"], capture_output=True, text=True)
+    assert help_text.returncode == 0 and "usage: cxpmrg" in help_text.stdout
+    bad = subprocess.run([sys.executable, "-m", "cxpmrg_lib", "data", "check", str(tmp_path / "missing")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "error:" in bad.stderr

@@ -99,3 +99,31 @@ def test_a_process_never_waits_for_itself_and_a_crash_frees_the_lock(tmp_path):
 def _claim_and_die(path: str) -> None:
     runlock.claim(path)
     os._exit(3)
+
+
+def test_a_waiting_process_times_out_with_the_holder_named(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    other = ctx.Process(target=partial(_claim_and_hold, str(tmp_path / "run"), ready, done))
+    other.start()
+    try:
+        assert ready.wait(30)
+        assert f"pid {other.pid}" in runlock.holder(tmp_path / "run") and "stage 2" in runlock.holder(tmp_path / "run")
+        t0 = time.perf_counter()
+        with pytest.raises(runlock.RunLockTimeout, match=f"pid {other.pid}"):
+            runlock.claim(tmp_path / "run", "demo", timeout=0.5)
+        assert 0.4 < time.perf_counter() - t0 < 10
+        assert runlock.held() == []
+    finally:
+        done.set()
+        other.join(30)
+    runlock.claim(tmp_path / "run", timeout=10)      # released: taken at once
+    runlock.release_all()
+    assert not (tmp_path / "run" / runlock.HOLDER_NAME).exists()
+
+
+def _claim_and_hold(path: str, ready, done) -> None:
+    runlock.claim(path, "stage 2")
+    ready.set()
+    done.wait(60)
+    runlock.release_all()
