@@ -5,10 +5,15 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TORCH_PIN := torch==2.13.0
-# torchxrayvision carries the real IU X-Ray reports (NLMCXR_reports.tgz) as package
-# data; --no-deps because its torchvision dependency does not import beside the CPU torch.
-TXV_PIN := torchxrayvision==1.5.7
+# The exact tested environment (pip freeze of it); pyproject.toml declares the ranges. Every install
+# below goes through it, so a fresh machine gets what the tests passed with.
+CONSTRAINTS := constraints.txt
+PIP := $(BIN)/python -m pip
+# pip warns once per package that a machine-level extra index (pip.conf) lacks ("Location ... is ignored:
+# it is neither a file nor a directory"): that line, and nothing else, is filtered from pip's output.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PIPQ = 2>&1 | { grep -v "^WARNING: Location '.*' is ignored: it is neither a file nor a directory" || true; }
 DATASET ?= runs/data/phantom
 export PYTHONHASHSEED := 0
 
@@ -16,24 +21,26 @@ export PYTHONHASHSEED := 0
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --no-deps $(TXV_PIN)
+	$(PIP) install --quiet --upgrade pip $(PIPQ)
+	$(PIP) install --quiet -c $(CONSTRAINTS) torch $(PIPQ)
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev]' $(PIPQ)
+	@# torchxrayvision (the `iu` extra) carries the real IU X-Ray reports (NLMCXR_reports.tgz) as package
+	@# data; --no-deps because its torchvision dependency does not import beside the CPU torch
+	$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) torchxrayvision $(PIPQ)
 	@# the compiled CPU selective scan, built once per machine into torch's extension cache (without a
 	@# C++ compiler it logs what to install and the pure-PyTorch scan runs: same results, slower)
 	$(BIN)/python -m cxpmrg_lib.models.ssm_build --allow-missing
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
 
-# mambapy (a pure-PyTorch Mamba) is only a baseline of the scan measurements (the efficiency chapter,
-# `make bench`): installed here, not a dependency.
-MAMBAPY_PIN := mambapy==1.2.0
+# mambapy (a pure-PyTorch Mamba, the `baselines` extra) is only a baseline of the scan measurements (the
+# efficiency chapter, `make bench`): installed here, --no-deps (it needs only torch).
+MAMBAPY := $(PIP) install --quiet --no-deps -c $(CONSTRAINTS) mambapy $(PIPQ)
 
 book: $(STAMP)
-	@$(BIN)/python -c "import mambapy" 2>/dev/null || $(BIN)/python -m pip install --quiet --no-deps $(MAMBAPY_PIN)
+	@$(BIN)/python -c "import mambapy" 2>/dev/null || $(MAMBAPY)
 	$(BIN)/cxpmrg book
 
 test: $(STAMP) browser
@@ -42,14 +49,14 @@ test: $(STAMP) browser
 # Headless Chromium for the browser check of the built book (tests/test_browser.py). Debian's packages;
 # installing needs root: without it the browser test skips and says why (CI sets CI_REQUIRE_BROWSER=1,
 # which turns the skip into a failure).
-BROWSER_PKGS := chromium chromium-driver
+BROWSER_PKGS := chromium
 browser:
 	@test -x /usr/bin/chromium || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PKGS) >/dev/null) || \
 		echo "*** Chromium is not installed and could not be installed (needs Debian apt-get as root): the browser check will be skipped ***"
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet --no-deps $(MAMBAPY_PIN)
+	$(MAMBAPY)
 	$(BIN)/python -m pytest -q -m benchmark -s benchmarks
 
 clean-book:

@@ -5,23 +5,18 @@ requests, or broken images; the benchmark page must show its results table and a
 screenshot of the benchmark page is written to test-output/browser/ (CI keeps that folder;
 CXPMRG_TEST_OUTPUT moves it).
 
-Chromium is driven through the Chrome DevTools Protocol over a websocket, with tornado's client
-(already installed: ipykernel needs it), so the check adds no Python dependency. The test installs
+Chromium is driven by Playwright for Python (a dev dependency) with Debian's own binary given as
+executable_path: no browser is downloaded (`playwright install` is never run). The test installs
 nothing: without /usr/bin/chromium (Debian `chromium`; CXPMRG_CHROMIUM names another binary) it
 skips loudly, and with CI_REQUIRE_BROWSER=1 it fails instead.
 """
 from __future__ import annotations
 
-import asyncio
-import base64
 import functools
 import http.server
-import itertools
 import json
 import os
-import subprocess
 import threading
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,148 +89,78 @@ class PageReport:
     images: list[dict] = field(default_factory=list)
 
 
-class Chromium:
-    """A headless Chromium and one tab, spoken to over the DevTools Protocol (flattened sessions)."""
+class Browser:
+    """Debian's headless Chromium and one page, driven by Playwright (no browser download: the
+    binary is given by executable_path). Every event of the page is recorded as a problem or a
+    warning for the page being visited."""
 
-    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--no-default-browser-check",
-             "--disable-extensions", "--remote-debugging-port=0", "--window-size=1280,900"]
+    FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run", "--no-default-browser-check", "--disable-extensions"]
 
-    def __init__(self, exe: Path, profile: Path):
-        self.exe, self.profile = exe, profile
-        self.proc: subprocess.Popen | None = None
-        self.ids = itertools.count(1)
-        self.pending: dict[int, asyncio.Future] = {}
-        self.events: list[dict] = []
+    def __init__(self, exe: Path):
+        self.exe = exe
+        self.origin = ""
+        self.report = PageReport("")
 
-    async def __aenter__(self):
-        from tornado.websocket import websocket_connect
+    def __enter__(self):
+        from playwright.sync_api import sync_playwright
 
-        self.log = (self.profile / "chromium.log").open("w")
-        self.proc = subprocess.Popen([str(self.exe), *self.FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        port_file = self.profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not (port_file.exists() and len(port_file.read_text().splitlines()) >= 2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.exe} did not start (exit {self.proc.poll()}):\n{self.log_tail()}")
-            await asyncio.sleep(0.1)
-        port, path = port_file.read_text().splitlines()[:2]
-        self.ws = await websocket_connect(f"ws://127.0.0.1:{port}{path}", max_message_size=256 * 2**20)
-        self.reader = asyncio.ensure_future(self._read())
-        target = await self.send("Target.createTarget", {"url": "about:blank"})
-        attached = await self.send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})
-        self.session = attached["sessionId"]
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            await self.send(f"{domain}.enable", session=True)
-        await self.send("Emulation.setDeviceMetricsOverride",
-                        {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=True)
+        self._pw = sync_playwright().start()
+        self.browser = self._pw.chromium.launch(executable_path=str(self.exe), headless=True, args=self.FLAGS)
+        self.page = self.browser.new_page(viewport={"width": 1280, "height": 900})
+        self.page.set_default_timeout(PAGE_TIMEOUT_S * 1000)
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda e: self._problem(f"uncaught exception: {e}"))
+        self.page.on("request", self._request)
+        self.page.on("response", lambda r: r.status >= 400 and self._problem(f"HTTP {r.status} for {r.url}"))
+        self.page.on("requestfailed", self._request_failed)
         return self
 
-    async def __aexit__(self, *exc):
-        try:
-            await asyncio.wait_for(self.send("Browser.close"), 10)
-        except Exception:            # already gone; the process is ended below either way
-            pass
-        self.reader.cancel()
-        self.ws.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()         # only the browser this test started, by its own handle
-            self.proc.wait()
-        self.log.close()
+    def __exit__(self, *exc):
+        self.browser.close()
+        self._pw.stop()
 
-    def log_tail(self, n: int = 30) -> str:
-        self.log.flush()
-        return "\n".join((self.profile / "chromium.log").read_text(errors="replace").splitlines()[-n:])
+    def _problem(self, text: str) -> None:
+        if text not in self.report.problems:
+            self.report.problems.append(text)
 
-    async def _read(self):
-        while True:
-            msg = await self.ws.read_message()
-            if msg is None:
-                break
-            data = json.loads(msg)
-            if "id" in data and data["id"] in self.pending:
-                self.pending.pop(data["id"]).set_result(data)
-            elif "method" in data:
-                self.events.append(data)
-        for fut in self.pending.values():
-            if not fut.done():
-                fut.set_exception(RuntimeError(f"Chromium closed the DevTools connection:\n{self.log_tail()}"))
+    def _console(self, msg) -> None:
+        if msg.type in ("error", "assert"):
+            loc = msg.location.get("url", "") if msg.location else ""
+            self._problem(f"console.{msg.type}: {msg.text} {loc}".rstrip())
+        elif msg.type == "warning":
+            self.report.warnings.append(msg.text)
 
-    async def send(self, method: str, params: dict | None = None, session: bool = False) -> dict:
-        msg_id = next(self.ids)
-        fut = asyncio.get_running_loop().create_future()
-        self.pending[msg_id] = fut
-        msg = {"id": msg_id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = self.session
-        await self.ws.write_message(json.dumps(msg))
-        reply = await asyncio.wait_for(fut, PAGE_TIMEOUT_S)
-        if "error" in reply:
-            raise RuntimeError(f"DevTools {method} failed: {reply['error']}")
-        return reply.get("result", {})
+    def _request(self, request) -> None:
+        url = request.url
+        if urlparse(url).scheme in ("http", "https", "ws", "wss") and not url.startswith(self.origin):
+            self._problem(f"request outside the book: {url} (a reader offline would not get it)")
 
-    async def evaluate(self, expression: str):
-        result = await self.send("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
-                                                      "returnByValue": True}, session=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
-        return result["result"].get("value")
+    def _request_failed(self, request) -> None:
+        error = request.failure or ""
+        if "ERR_ABORTED" not in error:            # a navigation away cancels pending requests
+            self._problem(f"request failed: {error} ({request.resource_type}: {request.url})")
 
-    async def visit(self, url: str, origin: str) -> PageReport:
+    def visit(self, url: str, origin: str) -> PageReport:
         """Load `url`, wait for its load event and its images, and list everything that went wrong."""
-        self.events.clear()
-        nav = await self.send("Page.navigate", {"url": url}, session=True)
-        report = PageReport(url)
-        if nav.get("errorText"):
-            report.problems.append(f"navigation failed: {nav['errorText']}")
-            return report
-        deadline = time.monotonic() + PAGE_TIMEOUT_S
-        while not any(e["method"] == "Page.loadEventFired" for e in self.events):
-            if time.monotonic() > deadline:
-                report.problems.append(f"no load event within {PAGE_TIMEOUT_S} s")
-                return report
-            await asyncio.sleep(0.05)
-        report.images = await self.evaluate(IMAGES_JS)
-        await asyncio.sleep(0.3)   # late console messages (deferred scripts) still count
-        report.problems += self._problems(origin)
-        report.warnings += [e["params"]["entry"]["text"] for e in self.events
-                            if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "warning"]
-        for img in report.images:
+        self.origin, self.report = origin, PageReport(url)
+        try:
+            self.page.goto(url, wait_until="load")
+        except Exception as e:                    # playwright's TimeoutError or a network error
+            self._problem(f"navigation failed: {e}")
+            return self.report
+        self.report.images = self.page.evaluate(IMAGES_JS)
+        self.page.wait_for_timeout(300)           # late console messages (deferred scripts) still count
+        for img in self.report.images:
             if img["w"] == 0:
-                report.problems.append(f"broken image (naturalWidth 0): {img['src'][:120]}")
-        return report
+                self._problem(f"broken image (naturalWidth 0): {img['src'][:120]}")
+        return self.report
 
-    def _problems(self, origin: str) -> list[str]:
-        out = []
-        for e in self.events:
-            m, p = e["method"], e.get("params", {})
-            if m == "Runtime.exceptionThrown":
-                d = p["exceptionDetails"]
-                out.append(f"uncaught exception: {d.get('exception', {}).get('description') or d.get('text')} "
-                           f"({d.get('url', '')}:{d.get('lineNumber', '')})")
-            elif m == "Runtime.consoleAPICalled" and p["type"] in ("error", "assert"):
-                text = " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
-                out.append(f"console.{p['type']}: {text}")
-            elif m == "Log.entryAdded" and p["entry"]["level"] == "error":
-                entry = p["entry"]
-                out.append(f"console error ({entry['source']}): {entry['text']} {entry.get('url', '')}".rstrip())
-            elif m == "Network.requestWillBeSent":
-                url = p["request"]["url"]
-                if urlparse(url).scheme in ("http", "https", "ws", "wss") and not url.startswith(origin):
-                    out.append(f"request outside the book: {url} (a reader offline would not get it)")
-            elif m == "Network.responseReceived" and p["response"]["status"] >= 400:
-                out.append(f"HTTP {p['response']['status']} for {p['response']['url']}")
-            elif m == "Network.loadingFailed" and not p.get("canceled"):
-                out.append(f"request failed: {p.get('errorText')} ({p.get('type', '')})")
-        return list(dict.fromkeys(out))
+    def evaluate(self, expression: str):
+        return self.page.evaluate(expression)
 
-    async def screenshot(self, path: Path) -> None:
-        shot = await self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True},
-                               session=True)
-        path.write_bytes(base64.b64decode(shot["data"]))
+    def screenshot(self, path: Path) -> None:
+        self.page.screenshot(path=str(path), full_page=True)
 
 
 # Every <img>, lazy ones included, once it has loaded or failed; naturalWidth 0 means broken.
@@ -255,7 +180,7 @@ def _require_chromium() -> None:
     if CHROMIUM.exists():
         return
     msg = (f"BROWSER CHECK NOT RUN: {CHROMIUM} is missing. Install Debian's chromium "
-           "(apt-get install -y chromium chromium-driver), or set CXPMRG_CHROMIUM to a Chromium binary. "
+           "(apt-get install -y chromium), or set CXPMRG_CHROMIUM to a Chromium binary. "
            "CI sets CI_REQUIRE_BROWSER=1, which turns this skip into a failure.")
     if os.environ.get("CI_REQUIRE_BROWSER") == "1":
         pytest.fail(msg)
@@ -280,24 +205,20 @@ def served_html(request):
 
 
 @pytest.mark.slow
-def test_every_page_of_the_book_loads_cleanly_in_chromium(served_html, tmp_path):
+def test_every_page_of_the_book_loads_cleanly_in_chromium(served_html):
     smoke_book, base = served_html
     pages = toc_pages(smoke_book.book)
     OUTPUT.mkdir(parents=True, exist_ok=True)
     shot = OUTPUT / "04_benchmark.png"
     shot.unlink(missing_ok=True)
 
-    async def check():
-        reports, tables = {}, []
-        async with Chromium(CHROMIUM, tmp_path) as browser:
-            for page in pages:
-                reports[page] = await browser.visit(base + page + ".html", base)
-                if page == BENCHMARK_PAGE:
-                    tables = await browser.evaluate(TABLES_JS)
-                    await browser.screenshot(shot)
-        return reports, tables
-
-    reports, tables = asyncio.run(check())
+    reports, tables = {}, []
+    with Browser(CHROMIUM) as browser:
+        for page in pages:
+            reports[page] = browser.visit(base + page + ".html", base)
+            if page == BENCHMARK_PAGE:
+                tables = browser.evaluate(TABLES_JS)
+                browser.screenshot(shot)
     summary = {page: {"images": len(r.images), "problems": r.problems, "warnings": r.warnings}
                for page, r in reports.items()}
     (OUTPUT / "pages.json").write_text(json.dumps(summary, indent=1))

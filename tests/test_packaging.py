@@ -17,10 +17,24 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
 def _pyproject_deps():
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    deps = list(meta["dependencies"]) + list(meta["optional-dependencies"]["dev"])
-    return deps
+    """The dependencies and the dev extra: what `make venv` installs (besides the --no-deps extras)."""
+    meta = _pyproject()
+    return list(meta["dependencies"]) + list(meta["optional-dependencies"]["dev"])
+
+
+def _constraints() -> dict[str, str]:
+    out = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            m = PIN.match(line)
+            assert m, f"constraints.txt line {line!r} is not name==version"
+            out[_norm(m.group(1))] = m.group(2)
+    return out
 
 
 def _conda_pip_deps():
@@ -34,32 +48,68 @@ def _conda_pip_deps():
     return out
 
 
-def test_every_pyproject_dependency_is_pinned_except_torch_range():
-    for spec in _pyproject_deps():
-        if spec.startswith("torch"):
-            continue
-        assert PIN.match(spec), f"pyproject dependency {spec!r} is not pinned with =="
+def test_every_dependency_is_a_range_with_an_upper_bound():
+    from packaging.requirements import Requirement
+
+    meta = _pyproject()
+    specs = list(meta["dependencies"]) + [s for extra in meta["optional-dependencies"].values() for s in extra]
+    for spec in specs:
+        ops = {s.operator for s in Requirement(spec).specifier}
+        assert ops & {"<", "<=", "==", "~="}, f"pyproject dependency {spec!r} has no upper bound"
 
 
-def test_environment_yml_agrees_with_pyproject():
+def test_constraints_pin_every_dependency_inside_its_range():
+    from packaging.requirements import Requirement
+
+    pins = _constraints()
+    meta = _pyproject()
+    extras = meta["optional-dependencies"]
+    for spec in _pyproject_deps() + extras["iu"] + extras["baselines"]:
+        req = Requirement(spec)
+        name = _norm(req.name)
+        assert name in pins, f"{req.name} (pyproject) is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"constraints.txt pins {req.name}=={pins[name]}, outside pyproject's {req.specifier}"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "CONSTRAINTS := constraints.txt" in makefile
+    installs = [line for line in makefile.splitlines() if "$(PIP) install" in line and "--upgrade pip" not in line]
+    assert installs and all("-c $(CONSTRAINTS)" in line for line in installs), installs
+
+
+def test_environment_yml_agrees_with_the_constraints():
     conda = _conda_pip_deps()
-    py = {}
-    for spec in _pyproject_deps():
-        m = PIN.match(spec)
-        if m:
-            py[_norm(m.group(1))] = m.group(2)
-    torch_specs = [s for s in _pyproject_deps() if s.startswith("torch")]
-    assert len(torch_specs) == 1
-    assert set(py) | {"torch"} == set(conda), (
-        f"only in pyproject: {sorted(set(py) - set(conda))}; only in environment.yml: "
-        f"{sorted(set(conda) - set(py) - {'torch'})}")
-    for name, version in py.items():
-        assert conda[name] == version, f"{name}: pyproject {version} vs environment.yml {conda[name]}"
-    # The conda torch pin must satisfy pyproject's range, and the Makefile must install the same one.
-    lo, hi = re.search(r"torch>=([\d.]+),<=([\d.]+)", torch_specs[0]).groups()
-    vt = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
-    assert vt(lo) <= vt(conda["torch"]) <= vt(hi)
-    assert f"torch=={conda['torch']}" in (ROOT / "Makefile").read_text()
+    pins = _constraints()
+    from packaging.requirements import Requirement
+
+    wanted = {_norm(Requirement(s).name) for s in _pyproject_deps()}
+    assert wanted == set(conda), (f"only in pyproject: {sorted(wanted - set(conda))}; only in environment.yml: "
+                                  f"{sorted(set(conda) - wanted)}")
+    for name, version in conda.items():
+        assert pins[name] == version, f"{name}: constraints.txt {pins[name]} vs environment.yml {version}"
+
+
+def test_every_third_party_module_a_test_imports_is_declared():
+    """A module the tests import at their top is a dependency (or the dev extra), not an accident of the
+    environment."""
+    import ast
+    from packaging.requirements import Requirement
+
+    meta = _pyproject()
+    declared = {_norm(Requirement(s).name) for s in meta["dependencies"]}
+    declared |= {_norm(Requirement(s).name) for extra in meta["optional-dependencies"].values() for s in extra}
+    provides = {"yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn", "mamba_ssm": "mamba-ssm"}
+    stdlib = set(sys.stdlib_module_names)
+    for path in sorted((ROOT / "tests").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            for name in names:
+                top = name.split(".")[0]
+                if top in stdlib or top in ("cxpmrg_lib", "test_data_chexpert_plus", "test_data_openi",
+                                            "test_data_r2gen", "test_trainer", "conftest"):
+                    continue
+                package = _norm(provides.get(top, top))
+                assert package in declared, f"{path.name} imports {name}, which pyproject does not declare"
 
 
 def test_ci_calls_the_readme_test_command():

@@ -233,7 +233,7 @@ def _add_lora(lm: PreTrainedModel, config: ReportLMConfig) -> PreTrainedModel:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:
-        raise ImportError(f"lora_rank={config.lora_rank} needs peft: pip install peft") from e
+        raise ImportError(f"lora_rank={config.lora_rank} needs peft: pip install 'cxpmrg_lib[lora]' (or pip install peft)") from e
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank, lora_dropout=0.0,
                       target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     return get_peft_model(lm, lora)

@@ -1,8 +1,8 @@
 """Build (once per machine) and load the compiled CPU selective scan, `csrc/selective_scan.cpp`.
 
 torch.utils.cpp_extension compiles it with ninja into torch's extension cache
-(~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR), keyed by a hash of the source,
-the flags, torch's version and this CPU's instruction set (the build uses -march=native),
+(~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR), keyed by a hash of the source and its
+path, the flags, torch's version and this CPU's instruction set (the build uses -march=native),
 so it is compiled at the first use on a machine and loaded from the cache afterwards;
 torch's own lock file makes worker processes that start together wait for one build.
 Nothing here raises: when the kernel cannot be had, `load_kernel` logs one line that says
@@ -50,8 +50,10 @@ def _cpu_key() -> str:
 
 def _build_name() -> str:
     h = hashlib.sha256()
+    # the source's path too: ninja rebuilds when the command line names another source file, so two
+    # checkouts on one machine sharing one cache entry would rebuild each other's at every switch
     for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
-                 _cpu_key().encode()):
+                 _cpu_key().encode(), str(SOURCE.resolve()).encode()):
         h.update(part)
     return f"cxpmrg_scan_{h.hexdigest()[:12]}"
 

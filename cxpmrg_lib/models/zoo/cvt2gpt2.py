@@ -9,6 +9,7 @@ scratch. Unlike the frozen-LM systems, the whole decoder is trained.
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from torch import nn
 
 from cxpmrg_lib.models.report_lm import lm_batch, median_report_tokens
 from cxpmrg_lib.models.zoo.common import SmallResNet, pool_views
+
+log = logging.getLogger(__name__)
 
 
 class ConvTokenViT(nn.Module):
@@ -42,9 +45,23 @@ class CvT2GPT2(nn.Module):
                  encoder_depth: int = 2):
         super().__init__()
         from transformers import AutoTokenizer, GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(lm_dir))
-        self.decoder = GPT2LMHeadModel.from_pretrained(str(lm_dir), add_cross_attention=True)
+        # the cross-attention layers are new by design: transformers' block listing each of them as "newly
+        # initialized ... You should probably TRAIN this model" is silenced for this one load, and said once here
+        modeling_log = hf_logging.get_logger("transformers.modeling_utils")
+        level = modeling_log.level
+        modeling_log.setLevel(hf_logging.ERROR)
+        try:
+            self.decoder = GPT2LMHeadModel.from_pretrained(str(lm_dir), add_cross_attention=True)
+        finally:
+            modeling_log.setLevel(level)
+        # GPT2LMHeadModel's class name names no loss type, so transformers warns that loss_type=None is
+        # unrecognised and falls back to the causal-LM loss: say that loss outright
+        self.decoder.loss_type = "ForCausalLM"
+        log.info("CvT2DistilGPT2-style: GPT-2 decoder from %s; its %d cross-attention layers start at random "
+                 "(trained with the rest)", lm_dir, self.decoder.config.n_layer)
         config = self.decoder.config
         if config.model_type != "gpt2":
             raise ValueError(f"{lm_dir} holds a {config.model_type} model; CvT2GPT2 warm-starts from a GPT-2")
