@@ -23,12 +23,13 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip $(PIPQ)
-	$(PIP) install --quiet -c $(CONSTRAINTS) torch $(PIPQ)
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev]' $(PIPQ)
+	@echo "venv: pip, torch, cxpmrg_lib[dev], torchxrayvision (versions of $(CONSTRAINTS))"
+	@$(PIP) install --quiet --upgrade pip $(PIPQ)
+	@$(PIP) install --quiet -c $(CONSTRAINTS) torch $(PIPQ)
+	@$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev]' $(PIPQ)
 	@# torchxrayvision (the `iu` extra) carries the real IU X-Ray reports (NLMCXR_reports.tgz) as package
 	@# data; --no-deps because its torchvision dependency does not import beside the CPU torch
-	$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) torchxrayvision $(PIPQ)
+	@$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) torchxrayvision $(PIPQ)
 	@# the compiled CPU selective scan, built once per machine into torch's extension cache (without a
 	@# C++ compiler it logs what to install and the pure-PyTorch scan runs: same results, slower)
 	$(BIN)/python -m cxpmrg_lib.models.ssm_build --allow-missing
@@ -56,7 +57,7 @@ browser:
 		echo "*** Chromium is not installed and could not be installed (needs Debian apt-get as root): the browser check will be skipped ***"
 
 bench: $(STAMP)
-	$(MAMBAPY)
+	@$(MAMBAPY)
 	$(BIN)/python -m pytest -q -m benchmark -s benchmarks
 
 clean-book:

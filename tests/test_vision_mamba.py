@@ -154,6 +154,12 @@ def test_merged_directions_equal_the_per_direction_loop(scan, monkeypatch):
         for p in mixer.parameters():
             p.add_(0.1 * torch.randn_like(p))
     h = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    # A_log passes through float32 (.float()) in both paths: gradients agree to float32 rounding
+    _assert_merged_equals_loop(mixer, h, (1e-10, 1e-12), (1e-5, 1e-9))
+
+
+def _assert_merged_equals_loop(mixer, h, out_tol, grad_tol):
+    """The mixer's output and every gradient (input and parameters) with merge_directions on and off."""
     params = [h, *mixer.parameters()]
     results = []
     for merge in (True, False):
@@ -161,10 +167,9 @@ def test_merged_directions_equal_the_per_direction_loop(scan, monkeypatch):
         y = mixer(h)
         results.append((y.detach(), torch.autograd.grad((y * y.detach().sin()).sum(), params)))
     (y1, g1), (y2, g2) = results
-    assert torch.allclose(y1, y2, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(y1, y2, rtol=out_tol[0], atol=out_tol[1])
     for (name, _), a, b in zip([("input", None), *mixer.named_parameters()], g1, g2):
-        # A_log passes through float32 (.float()) in both paths: agreement to float32 rounding
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-9), name
+        assert torch.allclose(a, b, rtol=grad_tol[0], atol=grad_tol[1]), name
 
 
 @pytest.mark.skipif(not compiled_available(), reason="the compiled scan did not build here")
@@ -173,14 +178,4 @@ def test_merged_compiled_path_float32_full_blocks():
     compiled path (conv, channels-last scan) against the per-direction loop, values and gradients."""
     torch.manual_seed(0)
     mixer = MambaMixer(32, d_state=16, directions=("", "_b", "_col", "_col_b"), grid=4)
-    h = torch.randn(3, 16, 32, requires_grad=True)
-    params = [h, *mixer.parameters()]
-    results = []
-    for merge in (True, False):
-        mixer.merge_directions = merge
-        y = mixer(h)
-        results.append((y.detach(), torch.autograd.grad((y * y.detach().sin()).sum(), params)))
-    (y1, g1), (y2, g2) = results
-    assert torch.allclose(y1, y2, rtol=1e-4, atol=1e-5)
-    for (name, _), a, b in zip([("input", None), *mixer.named_parameters()], g1, g2):
-        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), name
+    _assert_merged_equals_loop(mixer, torch.randn(3, 16, 32, requires_grad=True), (1e-4, 1e-5), (1e-3, 1e-5))

@@ -57,35 +57,29 @@ template <> struct Lanes<double> { static constexpr int W = 8; using V = vd; };
 // kernel is for gradcheck and float64 users).
 constexpr float LOG2E = 1.44269504088896341f;
 
+// 2^f for f in [-1/2, 1/2]: the degree-6 Taylor polynomial of exp(f ln 2)
+inline vf exp2_frac(vf f) {
+  vf p = vf{} + 1.5403530393381609e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  return p * f + 1.0f;
+}
+
 inline vf exp2_v(vf x) {
-  const vf c6 = vf{} + 1.5403530393381609e-4f, c5 = vf{} + 1.3333558146428443e-3f,
-           c4 = vf{} + 9.6181291076284772e-3f, c3 = vf{} + 5.5504108664821580e-2f,
-           c2 = vf{} + 2.4022650695910071e-1f, c1 = vf{} + 6.9314718055994531e-1f;
 #if defined(__AVX512F__)
   const __m512 k = _mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const vf f = x - (vf)k;
-  vf p = c6 * f + c5;
-  p = p * f + c4;
-  p = p * f + c3;
-  p = p * f + c2;
-  p = p * f + c1;
-  p = p * f + 1.0f;
-  return (vf)_mm512_scalef_ps((__m512)p, k);
+  return (vf)_mm512_scalef_ps((__m512)exp2_frac(x - (vf)k), k);
 #else
   const vf lo = vf{} - 126.0f, hi = vf{} + 127.0f;
   const vf under = x < lo ? vf{} + 0.0f : vf{} + 1.0f;  // below 2^-126: 0 (as a flush)
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   const vi k = __builtin_convertvector(x + 128.5f, vi) - 128;  // round(x), x + 128.5 > 0
-  const vf f = x - __builtin_convertvector(k, vf);
-  vf p = c6 * f + c5;
-  p = p * f + c4;
-  p = p * f + c3;
-  p = p * f + c2;
-  p = p * f + c1;
-  p = p * f + 1.0f;
   const vi bits = (k + 127) << 23;
-  return p * reinterpret_cast<const vf&>(bits) * under;
+  return exp2_frac(x - __builtin_convertvector(k, vf)) * reinterpret_cast<const vf&>(bits) * under;
 #endif
 }
 
@@ -246,37 +240,23 @@ Args<T> make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
   return a;
 }
 
-// One block: W channels of sequence b. Padding lanes (past the last channel) repeat the last
-// channel; their outputs are not written and their output gradients are zero.
-// A is kept twice: as given (the backward's dt gradient) and scaled for exp_scaled.
+// The geometry of one block: W channels (d0 ...) of sequence b, and moving them between a
+// (batch, channels, length) tensor and lane vectors per position. Padding lanes (past the last
+// channel) repeat the last channel; they are never written back.
 template <typename T>
-struct Block {
+struct BlockGeom {
   static constexpr int W = Lanes<T>::W;
   using V = typename Lanes<T>::V;
   int64_t b, d0;
   int nw;
   int64_t chan[W];
-  V A[MAX_STATE], A2[MAX_STATE];
-  V D, bias, valid;
 
-  Block(const Args<T>& a, int64_t blk_index) {
-    b = blk_index / a.nblk;
-    d0 = (blk_index % a.nblk) * W;
-    nw = static_cast<int>(std::min<int64_t>(W, a.dim - d0));
+  BlockGeom(int64_t nblk, int64_t dim, int64_t blk_index) {
+    b = blk_index / nblk;
+    d0 = (blk_index % nblk) * W;
+    nw = static_cast<int>(std::min<int64_t>(W, dim - d0));
     for (int w = 0; w < W; ++w) chan[w] = d0 + std::min(w, nw - 1);
-    const T* Ab = a.A + (a.A_seq ? b * a.dim * a.nstate : 0);
-    for (int64_t n = 0; n < a.nstate; ++n) {
-      for (int w = 0; w < W; ++w) A[n][w] = Ab[chan[w] * a.nstate + n];
-      A2[n] = A[n] * exp_scale<T>();
-    }
-    for (int w = 0; w < W; ++w) {
-      D[w] = a.D ? a.D[(a.D_seq ? b * a.dim : 0) + chan[w]] : T(0);
-      bias[w] = a.bias ? a.bias[(a.bias_seq ? b * a.dim : 0) + chan[w]] : T(0);
-      valid[w] = w < nw ? T(1) : T(0);
-    }
   }
-
-  int64_t pos(const Args<T>& a, int64_t t) const { return a.order ? a.order[b * a.len + t] : t; }
 
   // the block's channels of a (batch, channels, length) tensor as one lane vector per position:
   // W positions at a time by a register transpose when the rows are contiguous, else lane by lane
@@ -324,6 +304,35 @@ struct Block {
     for (int w = 0; w < nw; ++w)
       for (int64_t l = l0; l < len; ++l) rows[w][l * d.sl] = in[l][w];
   }
+
+};
+
+// One block of the scan: its geometry, and its channels' A (kept twice: as given, for the
+// backward's dt gradient, and scaled for exp_scaled), D, delta bias; padding lanes get zero
+// output gradients (`valid`).
+template <typename T>
+struct Block : BlockGeom<T> {
+  using G = BlockGeom<T>;
+  using V = typename G::V;
+  using G::b, G::chan, G::nw, G::load;
+  static constexpr int W = G::W;
+  V A[MAX_STATE], A2[MAX_STATE];
+  V D, bias, valid;
+
+  Block(const Args<T>& a, int64_t blk_index) : G(a.nblk, a.dim, blk_index) {
+    const T* Ab = a.A + (a.A_seq ? b * a.dim * a.nstate : 0);
+    for (int64_t n = 0; n < a.nstate; ++n) {
+      for (int w = 0; w < W; ++w) A[n][w] = Ab[chan[w] * a.nstate + n];
+      A2[n] = A[n] * exp_scale<T>();
+    }
+    for (int w = 0; w < W; ++w) {
+      D[w] = a.D ? a.D[(a.D_seq ? b * a.dim : 0) + chan[w]] : T(0);
+      bias[w] = a.bias ? a.bias[(a.bias_seq ? b * a.dim : 0) + chan[w]] : T(0);
+      valid[w] = w < nw ? T(1) : T(0);
+    }
+  }
+
+  int64_t pos(const Args<T>& a, int64_t t) const { return a.order ? a.order[b * a.len + t] : t; }
 
   // dt (after bias and softplus) for every position; with `dsp`, also softplus' derivative
   void load_dt(const Args<T>& a, V* dt, V* dsp) const {
@@ -680,17 +689,12 @@ ConvArgs<T> make_conv_args(const at::Tensor& x, const at::Tensor& w, const at::T
 // x of one (batch, channel block) as lane vectors in token order, the block's geometry, and
 // the pre-activation of direction g at every step of its order (the sliding window of K taps)
 template <typename T>
-struct ConvBlock {
-  static constexpr int W = Lanes<T>::W;
-  using V = typename Lanes<T>::V;
-  int64_t b, d0;
-  int nw;
-  int64_t chan[W];
-  ConvBlock(const ConvArgs<T>& a, int64_t bi) {
-    b = bi / a.nblk, d0 = (bi % a.nblk) * W;
-    nw = static_cast<int>(std::min<int64_t>(W, a.dim - d0));
-    for (int w = 0; w < W; ++w) chan[w] = d0 + std::min(w, nw - 1);
-  }
+struct ConvBlock : BlockGeom<T> {
+  using G = BlockGeom<T>;
+  using V = typename G::V;
+  using G::chan, G::nw, G::d0;
+  static constexpr int W = G::W;
+  ConvBlock(const ConvArgs<T>& a, int64_t bi) : G(a.nblk, a.dim, bi) {}
   V lanes(const T* p, int64_t stride) const {  // values of the block's channels in a row of `dim`
     V v;
     if (nw == W) {
@@ -717,25 +721,13 @@ struct ConvBlock {
 };
 
 template <typename T>
-void load_x(const ConvArgs<T>& a, const ConvBlock<T>& blk, typename Lanes<T>::V* xb) {
-  // channels contiguous (x a view of the (batch, len, channels) input projection): one load a step
-  for (int64_t l = 0; l < a.len; ++l) {
-    const T* row = a.x.p + blk.b * a.x.sb + l * a.x.sl;
-    if (a.x.sc == 1)
-      xb[l] = blk.lanes(row, 1);
-    else
-      for (int w = 0; w < Lanes<T>::W; ++w) xb[l][w] = row[blk.chan[w] * a.x.sc];
-  }
-}
-
-template <typename T>
 void conv_forward_impl(const ConvArgs<T>& a, T* out, bool silu) {
   using V = typename Lanes<T>::V;
   at::parallel_for(0, a.batch * a.nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<V> xb(a.len), pre(a.len), wv(a.K);
     for (int64_t bi = begin; bi < end; ++bi) {
       const ConvBlock<T> blk(a, bi);
-      load_x(a, blk, xb.data());
+      blk.load(a.x, a.len, xb.data());
       for (int64_t g = 0; g < a.G; ++g) {
         V bv;
         blk.taps(a, g, wv.data(), bv);
@@ -759,12 +751,11 @@ void conv_forward_impl(const ConvArgs<T>& a, T* out, bool silu) {
 template <typename T>
 void conv_backward_impl(const ConvArgs<T>& a, const T* dout, Dst<T> dx, T* dw, T* dbias, bool silu) {
   using V = typename Lanes<T>::V;
-  constexpr int W = Lanes<T>::W;
   at::parallel_for(0, a.batch * a.nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<V> xb(a.len), dp(a.len), gx(a.len), wv(a.K), gw(a.K);
     for (int64_t bi = begin; bi < end; ++bi) {
       const ConvBlock<T> blk(a, bi);
-      load_x(a, blk, xb.data());
+      blk.load(a.x, a.len, xb.data());
       std::fill(gx.begin(), gx.end(), V{});
       for (int64_t g = 0; g < a.G; ++g) {
         V bv;
@@ -795,14 +786,7 @@ void conv_backward_impl(const ConvArgs<T>& a, const T* dout, Dst<T> dx, T* dw, T
           dbr[blk.d0 + w] = gb[w];
         }
       }
-      // dx rows of the block (x's layout)
-      for (int64_t l = 0; l < a.len; ++l) {
-        T* row = dx.p + blk.b * dx.sb + l * dx.sl;
-        if (dx.sc == 1 && blk.nw == W)
-          std::memcpy(row + blk.d0, &gx[l], sizeof(V));
-        else
-          for (int w = 0; w < blk.nw; ++w) row[(blk.d0 + w) * dx.sc] = gx[l][w];
-      }
+      blk.store(gx.data(), dx, a.len);  // dx in x's layout
     }
   });
 }

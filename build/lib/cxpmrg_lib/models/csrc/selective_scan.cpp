@@ -1,0 +1,846 @@
+// Mamba-1 selective scan on the CPU: forward and backward (see cxpmrg_lib/models/ssm.py).
+//
+// Work is split into blocks of W channels of one sequence (at::parallel_for over
+// batch x channel blocks, so torch.set_num_threads is respected). Inside a block the W
+// channels are the vector lanes: every state n is an independent recurrence over W lanes,
+// so the loops over lanes vectorise and the N states give the CPU independent chains.
+// A block first transposes its channels' inputs into time-major lane vectors (block-local
+// buffers: one contiguous vector per step, no strided gathers in the recurrence), and B and C
+// are read as (batch, length, state) rows. The state count is a template parameter for the
+// common sizes (the states then live in registers; other sizes take the same code with a
+// run-time count). The forward keeps only the state entering every CHUNK steps; the backward
+// recomputes a chunk's states from its checkpoint into a block-local buffer (in cache) and runs
+// the adjoint recurrence back through it. `order` (batch, L) lets sequence b be scanned in the
+// order order[b, 0], order[b, 1], ... of its stored positions (reversed or column-major
+// directions) without copying the inputs into that order.
+//
+// Only ATen and torch/library.h are included (no pybind, no torch/extension.h): the ops
+// are registered as torch.ops.cxpmrg_scan.* and the build stays short.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <cstdlib>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CHUNK = 32;       // steps between forward checkpoints (a chunk's buffers stay in L2)
+constexpr int64_t MAX_STATE = 256;  // the largest state count (mamba-ssm's own limit)
+
+// Lanes of one block are one GCC vector (16 floats or 8 doubles: an AVX-512 register, or two
+// AVX2 ones where the CPU lacks AVX-512); the vector extension makes the vectorisation explicit
+// instead of hoping the auto-vectoriser takes the exp's branches and bit casts.
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef double vd __attribute__((vector_size(64)));
+typedef int64_t vl __attribute__((vector_size(64)));
+
+template <typename T> struct Lanes;
+template <> struct Lanes<float> { static constexpr int W = 16; using V = vf; };
+template <> struct Lanes<double> { static constexpr int W = 8; using V = vd; };
+
+// ---------------------------------------------------------------- lane-wise math
+// exp2 of float lanes: 2^x = 2^k 2^f with k = round(x), f in [-1/2, 1/2], 2^f by its degree-6
+// Taylor polynomial (relative error below 1e-7: under one float ulp). With AVX-512 the rounding
+// and the scaling by 2^k are single instructions (vrndscaleps, vscalefps: no bit tricks, exact
+// overflow to inf and underflow to 0); elsewhere the same through integer bits, clamped.
+// No -ffast-math: the rest of the kernel keeps IEEE semantics. double: libm, exactly (the double
+// kernel is for gradcheck and float64 users).
+constexpr float LOG2E = 1.44269504088896341f;
+
+// 2^f for f in [-1/2, 1/2]: the degree-6 Taylor polynomial of exp(f ln 2)
+inline vf exp2_frac(vf f) {
+  vf p = vf{} + 1.5403530393381609e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  return p * f + 1.0f;
+}
+
+inline vf exp2_v(vf x) {
+#if defined(__AVX512F__)
+  const __m512 k = _mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (vf)_mm512_scalef_ps((__m512)exp2_frac(x - (vf)k), k);
+#else
+  const vf lo = vf{} - 126.0f, hi = vf{} + 127.0f;
+  const vf under = x < lo ? vf{} + 0.0f : vf{} + 1.0f;  // below 2^-126: 0 (as a flush)
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vi k = __builtin_convertvector(x + 128.5f, vi) - 128;  // round(x), x + 128.5 > 0
+  const vi bits = (k + 127) << 23;
+  return exp2_frac(x - __builtin_convertvector(k, vf)) * reinterpret_cast<const vf&>(bits) * under;
+#endif
+}
+
+inline vf exp_v(vf v) { return exp2_v(v * LOG2E); }
+
+inline vd exp_v(vd v) {
+  for (int w = 0; w < 8; ++w) v[w] = std::exp(v[w]);
+  return v;
+}
+
+// exp(dt * A) with A given as the kernel keeps it: pre-scaled by log2(e) for float
+inline vf exp_scaled(vf dt, vf a2) { return exp2_v(dt * a2); }
+inline vd exp_scaled(vd dt, vd a) { return exp_v(dt * a); }
+template <typename T> constexpr T exp_scale() { return std::is_same<T, float>::value ? T(LOG2E) : T(1); }
+
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(e) for e in (0, 1] as 2 atanh(e / (2 + e)),
+// an odd series in s <= 1/3 (eight terms: error below 1e-9). Beyond 20 it is x (torch's threshold).
+inline vf softplus_v(vf x) {
+  const vf zero = vf{};
+  const vf e = exp_v(x < zero ? x : -x);
+  const vf s = e / (2.0f + e);
+  const vf s2 = s * s;
+  vf q = zero + 1.0f / 15.0f;
+  q = q * s2 + 1.0f / 13.0f;
+  q = q * s2 + 1.0f / 11.0f;
+  q = q * s2 + 1.0f / 9.0f;
+  q = q * s2 + 1.0f / 7.0f;
+  q = q * s2 + 1.0f / 5.0f;
+  q = q * s2 + 1.0f / 3.0f;
+  q = q * s2 + 1.0f;
+  const vf sp = (x > zero ? x : zero) + 2.0f * s * q;
+  return x > 20.0f ? x : sp;
+}
+
+inline vd softplus_v(vd x) {
+  for (int w = 0; w < 8; ++w) x[w] = x[w] > 20.0 ? x[w] : std::log1p(std::exp(x[w]));
+  return x;
+}
+
+template <typename V>
+inline V sigmoid_v(V x) {
+  const V one = V{} + 1;
+  return one / (one + exp_v(-x));
+}
+
+// Sums of the lanes of W vectors at once (the backward's contractions over channels): a
+// tree of shuffles that halves the vectors at each level; lane L of the result holds the sum of
+// vector bitrev(L). 2W - 2 shuffles and W - 1 additions instead of W (W - 1) scalar additions.
+inline vf fold(vf x, vf y, vi lo, vi h) { return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, lo + h); }
+inline vd fold(vd x, vd y, vl lo, vl h) { return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, lo + h); }
+
+inline vf reduce_lanes(vf* p) {
+  const vi l8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const vi l4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+  const vi l2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+  const vi l1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+  for (int k = 0; k < 8; ++k) p[k] = fold(p[2 * k], p[2 * k + 1], l8, vi{} + 8);
+  for (int k = 0; k < 4; ++k) p[k] = fold(p[2 * k], p[2 * k + 1], l4, vi{} + 4);
+  for (int k = 0; k < 2; ++k) p[k] = fold(p[2 * k], p[2 * k + 1], l2, vi{} + 2);
+  const vi natural = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};  // bitrev: back to order
+  return __builtin_shuffle(fold(p[0], p[1], l1, vi{} + 1), natural);
+}
+
+inline vd reduce_lanes(vd* p) {
+  const vl l4 = {0, 1, 2, 3, 8, 9, 10, 11};
+  const vl l2 = {0, 1, 8, 9, 4, 5, 12, 13};
+  const vl l1 = {0, 8, 2, 10, 4, 12, 6, 14};
+  for (int k = 0; k < 4; ++k) p[k] = fold(p[2 * k], p[2 * k + 1], l4, vl{} + 4);
+  for (int k = 0; k < 2; ++k) p[k] = fold(p[2 * k], p[2 * k + 1], l2, vl{} + 2);
+  const vl natural = {0, 4, 2, 6, 1, 5, 3, 7};
+  return __builtin_shuffle(fold(p[0], p[1], l1, vl{} + 1), natural);
+}
+
+// In-register transpose of W vectors of W lanes (r[i][j] becomes r[j][i]): stage s swaps bit s of
+// the vector index with bit s of the lane index, two two-source shuffles per pair of vectors.
+template <typename V, typename I, int W>
+inline void transpose_stage(V* r, int s) {
+  I lo, hi;
+  for (int L = 0; L < W; ++L) {
+    lo[L] = (L & s) ? W + L - s : L;
+    hi[L] = (L & s) ? W + L : L + s;
+  }
+  for (int i = 0; i < W; ++i) {
+    if (i & s) continue;
+    const V x = r[i], y = r[i + s];
+    r[i] = __builtin_shuffle(x, y, lo);
+    r[i + s] = __builtin_shuffle(x, y, hi);
+  }
+}
+
+inline void transpose(vf* r) {
+  transpose_stage<vf, vi, 16>(r, 8);
+  transpose_stage<vf, vi, 16>(r, 4);
+  transpose_stage<vf, vi, 16>(r, 2);
+  transpose_stage<vf, vi, 16>(r, 1);
+}
+
+inline void transpose(vd* r) {
+  transpose_stage<vd, vl, 8>(r, 4);
+  transpose_stage<vd, vl, 8>(r, 2);
+  transpose_stage<vd, vl, 8>(r, 1);
+}
+
+// ---------------------------------------------------------------- argument views
+template <typename T>
+struct Seq3 {  // a (batch, channels, length) tensor read through strides
+  const T* p = nullptr;
+  int64_t sb = 0, sc = 0, sl = 0;
+  Seq3() = default;
+  explicit Seq3(const at::Tensor& t)
+      : p(t.data_ptr<T>()), sb(t.stride(0)), sc(t.stride(1)), sl(t.stride(2)) {}
+};
+
+template <typename T>
+struct Dst {  // a (batch, channels, length) output written through strides
+  T* p = nullptr;
+  int64_t sb = 0, sc = 0, sl = 0;
+  Dst() = default;
+  explicit Dst(at::Tensor& t) : p(t.data_ptr<T>()), sb(t.stride(0)), sc(t.stride(1)), sl(t.stride(2)) {}
+};
+
+template <typename T>
+struct Args {
+  int64_t batch, dim, len, nstate, nblk;
+  Seq3<T> u, delta, z;
+  const T* B;  // (batch, len, nstate) contiguous: the rows of one step
+  const T* C;
+  const T* A;  // (Ab, dim, nstate) contiguous
+  const T* D;  // (Db, dim) or null
+  const T* bias;
+  bool A_seq, D_seq, bias_seq, softplus;
+  const int64_t* order;  // (batch, len) contiguous or null
+};
+
+template <typename T>
+Args<T> make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& Bt,
+                  const at::Tensor& Ct, const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias,
+                  const at::Tensor& order, bool softplus) {
+  Args<T> a;
+  a.batch = u.size(0);
+  a.dim = u.size(1);
+  a.len = u.size(2);
+  a.nstate = A.size(-1);
+  a.nblk = (a.dim + Lanes<T>::W - 1) / Lanes<T>::W;
+  a.u = Seq3<T>(u);
+  a.delta = Seq3<T>(delta);
+  if (z.defined()) a.z = Seq3<T>(z);
+  a.B = Bt.data_ptr<T>();
+  a.C = Ct.data_ptr<T>();
+  a.A = A.data_ptr<T>();
+  a.A_seq = A.dim() == 3;
+  a.D = D.defined() ? D.data_ptr<T>() : nullptr;
+  a.D_seq = D.defined() && D.dim() == 2;
+  a.bias = bias.defined() ? bias.data_ptr<T>() : nullptr;
+  a.bias_seq = bias.defined() && bias.dim() == 2;
+  a.softplus = softplus;
+  a.order = order.defined() ? order.data_ptr<int64_t>() : nullptr;
+  return a;
+}
+
+// The geometry of one block: W channels (d0 ...) of sequence b, and moving them between a
+// (batch, channels, length) tensor and lane vectors per position. Padding lanes (past the last
+// channel) repeat the last channel; they are never written back.
+template <typename T>
+struct BlockGeom {
+  static constexpr int W = Lanes<T>::W;
+  using V = typename Lanes<T>::V;
+  int64_t b, d0;
+  int nw;
+  int64_t chan[W];
+
+  BlockGeom(int64_t nblk, int64_t dim, int64_t blk_index) {
+    b = blk_index / nblk;
+    d0 = (blk_index % nblk) * W;
+    nw = static_cast<int>(std::min<int64_t>(W, dim - d0));
+    for (int w = 0; w < W; ++w) chan[w] = d0 + std::min(w, nw - 1);
+  }
+
+  // the block's channels of a (batch, channels, length) tensor as one lane vector per position:
+  // W positions at a time by a register transpose when the rows are contiguous, else lane by lane
+  void load(const Seq3<T>& s, int64_t len, V* out) const {
+    const T* rows[W];
+    for (int w = 0; w < W; ++w) {
+      rows[w] = s.p + b * s.sb + chan[w] * s.sc;
+      for (int64_t l = 0; l < std::min<int64_t>(len, 4 * W); l += W) __builtin_prefetch(rows[w] + l * s.sl);
+    }
+    int64_t l0 = 0;
+    if (s.sc == 1 && nw == W) {  // channels contiguous (a (batch, length, channels) buffer): one load a step
+      for (; l0 < len; ++l0) std::memcpy(&out[l0], rows[0] + l0 * s.sl, sizeof(V));
+    } else if (s.sl == 1) {
+      for (; l0 + W <= len; l0 += W) {
+        V r[W];
+        for (int w = 0; w < W; ++w) {
+          __builtin_prefetch(rows[w] + l0 + 4 * W);  // short rows: the hardware prefetcher barely starts
+          std::memcpy(&r[w], rows[w] + l0, sizeof(V));
+        }
+        transpose(r);
+        for (int w = 0; w < W; ++w) out[l0 + w] = r[w];
+      }
+    }
+    for (int w = 0; w < W; ++w)
+      for (int64_t l = l0; l < len; ++l) out[l][w] = rows[w][l * s.sl];
+  }
+
+  // lane vectors per position back into the block's channels of a (batch, channels, length) tensor:
+  // one store a step when its channels are contiguous, W positions at a time by a register
+  // transpose when its rows are, else lane by lane
+  void store(const V* in, const Dst<T>& d, int64_t len) const {
+    T* rows[W];
+    for (int w = 0; w < W; ++w) rows[w] = d.p + b * d.sb + (d0 + std::min(w, nw - 1)) * d.sc;
+    int64_t l0 = 0;
+    if (d.sc == 1 && nw == W) {
+      for (; l0 < len; ++l0) std::memcpy(rows[0] + l0 * d.sl, &in[l0], sizeof(V));
+    } else if (d.sl == 1) {
+      for (; l0 + W <= len; l0 += W) {
+        V r[W];
+        for (int w = 0; w < W; ++w) r[w] = in[l0 + w];
+        transpose(r);
+        for (int w = 0; w < nw; ++w) std::memcpy(rows[w] + l0, &r[w], sizeof(V));
+      }
+    }
+    for (int w = 0; w < nw; ++w)
+      for (int64_t l = l0; l < len; ++l) rows[w][l * d.sl] = in[l][w];
+  }
+
+};
+
+// One block of the scan: its geometry, and its channels' A (kept twice: as given, for the
+// backward's dt gradient, and scaled for exp_scaled), D, delta bias; padding lanes get zero
+// output gradients (`valid`).
+template <typename T>
+struct Block : BlockGeom<T> {
+  using G = BlockGeom<T>;
+  using V = typename G::V;
+  using G::b, G::chan, G::nw, G::load;
+  static constexpr int W = G::W;
+  V A[MAX_STATE], A2[MAX_STATE];
+  V D, bias, valid;
+
+  Block(const Args<T>& a, int64_t blk_index) : G(a.nblk, a.dim, blk_index) {
+    const T* Ab = a.A + (a.A_seq ? b * a.dim * a.nstate : 0);
+    for (int64_t n = 0; n < a.nstate; ++n) {
+      for (int w = 0; w < W; ++w) A[n][w] = Ab[chan[w] * a.nstate + n];
+      A2[n] = A[n] * exp_scale<T>();
+    }
+    for (int w = 0; w < W; ++w) {
+      D[w] = a.D ? a.D[(a.D_seq ? b * a.dim : 0) + chan[w]] : T(0);
+      bias[w] = a.bias ? a.bias[(a.bias_seq ? b * a.dim : 0) + chan[w]] : T(0);
+      valid[w] = w < nw ? T(1) : T(0);
+    }
+  }
+
+  int64_t pos(const Args<T>& a, int64_t t) const { return a.order ? a.order[b * a.len + t] : t; }
+
+  // dt (after bias and softplus) for every position; with `dsp`, also softplus' derivative
+  void load_dt(const Args<T>& a, V* dt, V* dsp) const {
+    load(a.delta, a.len, dt);
+    for (int64_t l = 0; l < a.len; ++l) {
+      const V x = dt[l] + bias;
+      dt[l] = a.softplus ? softplus_v(x) : x;
+      if (dsp) dsp[l] = a.softplus ? sigmoid_v(x) : V{} + T(1);
+    }
+  }
+};
+
+// One step for all states: h = exp(dt A) h + dt u B, returns C . h (four partial sums: the
+// additions are not one serial chain). e receives exp(dt A) when given (the backward keeps it).
+template <typename T, int NS, bool KEEP_E>
+inline typename Lanes<T>::V step_states(const Block<T>& blk, int N, const T* __restrict Bp, const T* __restrict Cp,
+                                        typename Lanes<T>::V dt, typename Lanes<T>::V du,
+                                        typename Lanes<T>::V* __restrict h, typename Lanes<T>::V* __restrict e_out) {
+  using V = typename Lanes<T>::V;
+  V y[4] = {V{}, V{}, V{}, V{}};
+#pragma GCC unroll 16
+  for (int n = 0; n < (NS ? NS : N); ++n) {
+    const V e = exp_scaled(dt, blk.A2[n]);
+    h[n] = e * h[n] + du * Bp[n];
+    y[n & 3] += h[n] * Cp[n];
+    if (KEEP_E) e_out[n] = e;
+  }
+  return (y[0] + y[1]) + (y[2] + y[3]);
+}
+
+// Block-local buffers of one thread, sized for the longest use (one per parallel_for chunk).
+template <typename T>
+struct Work {
+  using V = typename Lanes<T>::V;
+  std::vector<V> dt, u, y, z, dsp, dout, gu, gx, gz, hbuf, ebuf, ych;
+  Work(int64_t len, int64_t nstate, bool backward) : dt(len), u(len), y(backward ? 0 : len), z(len) {
+    if (backward) {
+      dsp.resize(len), dout.resize(len), gu.resize(len), gx.resize(len), gz.resize(len);
+      hbuf.resize((CHUNK + 1) * nstate), ebuf.resize(CHUNK * nstate), ych.resize(CHUNK);
+    }
+  }
+};
+
+template <typename T, int NS>
+void forward_block(const Args<T>& a, int64_t bi, Work<T>& wk, const Dst<T>& out, T* last, T* ckpt, int64_t nchunks) {
+  using V = typename Lanes<T>::V;
+  const int N = NS ? NS : static_cast<int>(a.nstate);
+  const Block<T> blk(a, bi);
+  blk.load_dt(a, wk.dt.data(), nullptr);
+  blk.load(a.u, a.len, wk.u.data());
+  V h[NS ? NS : MAX_STATE];
+  for (int n = 0; n < N; ++n) h[n] = V{};
+  V* ck = ckpt ? reinterpret_cast<V*>(ckpt) + bi * nchunks * N : nullptr;
+  const T* Bb = a.B + blk.b * a.len * N;
+  const T* Cb = a.C + blk.b * a.len * N;
+  for (int64_t t = 0; t < a.len; ++t) {
+    if (ck && t % CHUNK == 0)
+      for (int n = 0; n < N; ++n) ck[(t / CHUNK) * N + n] = h[n];
+    const int64_t p = blk.pos(a, t);
+    const V dt = wk.dt[p], uu = wk.u[p];
+    wk.y[p] = step_states<T, NS, false>(blk, N, Bb + p * N, Cb + p * N, dt, dt * uu, h, nullptr) + blk.D * uu;
+  }
+  if (last) {
+    T* l = last + (blk.b * a.dim + blk.d0) * N;
+    for (int w = 0; w < blk.nw; ++w)
+      for (int n = 0; n < N; ++n) l[w * N + n] = h[n][w];
+  }
+  if (a.z.p) {
+    blk.load(a.z, a.len, wk.z.data());
+    for (int64_t l = 0; l < a.len; ++l) wk.y[l] *= wk.z[l] * sigmoid_v(wk.z[l]);
+  }
+  blk.store(wk.y.data(), out, a.len);
+}
+
+template <typename T>
+struct Grads {
+  Dst<T> du, ddelta, dz;  // (batch, dim, len) in the layouts of u, delta, z
+  T *dA, *dD, *dbias;   // (batch, dim, nstate), (batch, dim), (batch, dim): per sequence
+  T *dB, *dC;           // (batch, parts, len, nstate): per_batch: parts 1, else a partial sum per channel block
+  bool per_batch;       // one thread runs all blocks of a sequence, adding into one dB, dC row
+};
+
+template <typename T, int NS>
+void backward_block(const Args<T>& a, int64_t bi, Work<T>& wk, const Seq3<T>& dout, const T* dlast, const T* ckpt,
+                    int64_t nchunks, const Grads<T>& g) {
+  using V = typename Lanes<T>::V;
+  constexpr int W = Lanes<T>::W;
+  const int N = NS ? NS : static_cast<int>(a.nstate);
+  const Block<T> blk(a, bi);
+  blk.load_dt(a, wk.dt.data(), wk.dsp.data());
+  blk.load(a.u, a.len, wk.u.data());
+  blk.load(dout, a.len, wk.dout.data());
+  if (a.z.p) blk.load(a.z, a.len, wk.z.data());
+  V adj[NS ? NS : MAX_STATE], dA_acc[NS ? NS : MAX_STATE];
+  for (int n = 0; n < N; ++n) adj[n] = dA_acc[n] = V{};
+  if (dlast) {
+    const T* l = dlast + (blk.b * a.dim + blk.d0) * N;
+    for (int w = 0; w < blk.nw; ++w)
+      for (int n = 0; n < N; ++n) adj[n][w] = l[w * N + n];
+  }
+  V dD_acc = V{}, dbias_acc = V{};
+  const T* Bb = a.B + blk.b * a.len * N;
+  const T* Cb = a.C + blk.b * a.len * N;
+  T* dBp = g.dB + (g.per_batch ? blk.b : bi) * a.len * N;
+  T* dCp = g.dC + (g.per_batch ? blk.b : bi) * a.len * N;
+  const bool add = g.per_batch && blk.d0 > 0;  // a later block of the sequence: add to the earlier ones
+  V* const hbuf = wk.hbuf.data();  // row 0: the chunk's checkpoint, row j + 1: the state after step j
+  V* const ebuf = wk.ebuf.data();
+  for (int64_t c = nchunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * CHUNK, m = std::min(CHUNK, a.len - t0);
+    // recompute the chunk's states from its checkpoint
+    const V* ck = reinterpret_cast<const V*>(ckpt) + (bi * nchunks + c) * N;
+    V h[NS ? NS : MAX_STATE];
+    for (int n = 0; n < N; ++n) h[n] = hbuf[n] = ck[n];
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t p = blk.pos(a, t0 + j);
+      const V dt = wk.dt[p], uu = wk.u[p];
+      wk.ych[j] = step_states<T, NS, true>(blk, N, Bb + p * N, Cb + p * N, dt, dt * uu, h, ebuf + j * N) +
+                  blk.D * uu;
+      for (int n = 0; n < N; ++n) hbuf[(j + 1) * N + n] = h[n];
+    }
+    // the adjoint recurrence, back through the chunk
+    for (int64_t j = m - 1; j >= 0; --j) {
+      const int64_t p = blk.pos(a, t0 + j);
+      const V dt = wk.dt[p], uu = wk.u[p], du = dt * uu;
+      const V* __restrict hj = hbuf + (j + 1) * N;
+      const V* __restrict hp = hbuf + j * N;
+      const V* __restrict e = ebuf + j * N;
+      V dy = wk.dout[p] * blk.valid;
+      if (a.z.p) {
+        const V zz = wk.z[p], sg = sigmoid_v(zz);
+        wk.gz[p] = dy * wk.ych[j] * sg * (1 + zz * (1 - sg));
+        dy *= zz * sg;
+      }
+      dD_acc += dy * uu;
+      V ddu[2] = {V{}, V{}}, ddt[2] = {V{}, V{}};
+      const T* Bp = Bb + p * N;
+      const T* Cp = Cb + p * N;
+      for (int n0 = 0; n0 < N; n0 += W) {
+        const int cnt = std::min(W, N - n0);
+        V PB[W], PC[W];
+#pragma GCC unroll 16
+        for (int k = 0; k < (NS && NS >= W ? W : cnt); ++k) {
+          const int n = n0 + k;
+          const V gn = adj[n] + Cp[n] * dy;
+          PC[k] = hj[n] * dy;
+          PB[k] = gn * du;
+          ddu[k & 1] += gn * Bp[n];
+          const V an = gn * e[n];
+          const V xg = an * hp[n];
+          ddt[k & 1] += xg * blk.A[n];
+          dA_acc[n] += xg * dt;
+          adj[n] = an;
+        }
+        for (int k = cnt; k < W; ++k) PB[k] = PC[k] = V{};
+        const V sB = reduce_lanes(PB), sC = reduce_lanes(PC);
+        T* const rB = dBp + p * N + n0;
+        T* const rC = dCp + p * N + n0;
+        if (cnt == W) {
+          V oB = sB, oC = sC;
+          if (add) {
+            std::memcpy(&oB, rB, sizeof(V));
+            std::memcpy(&oC, rC, sizeof(V));
+            oB += sB, oC += sC;
+          }
+          std::memcpy(rB, &oB, sizeof(V));
+          std::memcpy(rC, &oC, sizeof(V));
+        } else {
+          for (int k = 0; k < cnt; ++k) {
+            rB[k] = add ? rB[k] + sB[k] : sB[k];
+            rC[k] = add ? rC[k] + sC[k] : sC[k];
+          }
+        }
+      }
+      const V ddu_s = ddu[0] + ddu[1];
+      const V dx = (ddt[0] + ddt[1] + ddu_s * uu) * wk.dsp[p];
+      dbias_acc += dx;
+      wk.gu[p] = ddu_s * dt + dy * blk.D;
+      wk.gx[p] = dx;
+    }
+  }
+  blk.store(wk.gu.data(), g.du, a.len);
+  blk.store(wk.gx.data(), g.ddelta, a.len);
+  if (a.z.p) blk.store(wk.gz.data(), g.dz, a.len);
+  for (int w = 0; w < blk.nw; ++w) {
+    const int64_t bd = blk.b * a.dim + blk.d0 + w;
+    for (int n = 0; n < N; ++n) g.dA[bd * N + n] = dA_acc[n][w];
+    g.dD[bd] = dD_acc[w];
+    g.dbias[bd] = dbias_acc[w];
+  }
+}
+
+// the state count as a template argument where it is a common size (the states then stay in
+// registers and the loops over them unroll), else the same code with the count at run time
+template <typename T, typename F>
+void with_nstate(int64_t n, F&& f) {
+  if (std::is_same<T, float>::value && n == 16)
+    f(std::integral_constant<int, 16>());
+  else if (std::is_same<T, float>::value && n == 8)
+    f(std::integral_constant<int, 8>());
+  else
+    f(std::integral_constant<int, 0>());
+}
+
+template <typename T>
+void forward_impl(const Args<T>& a, const Dst<T>& out, T* last, T* ckpt, int64_t nchunks) {
+  with_nstate<T>(a.nstate, [&](auto ns) {
+    at::parallel_for(0, a.batch * a.nblk, 1, [&](int64_t begin, int64_t end) {
+      Work<T> wk(a.len, a.nstate, false);
+      for (int64_t bi = begin; bi < end; ++bi) forward_block<T, decltype(ns)::value>(a, bi, wk, out, last, ckpt, nchunks);
+    });
+  });
+}
+
+template <typename T>
+void backward_impl(const Args<T>& a, const at::Tensor& dout_t, const T* dlast, const T* ckpt, int64_t nchunks,
+                   const Grads<T>& g) {
+  const Seq3<T> dout(dout_t);
+  with_nstate<T>(a.nstate, [&](auto ns) {
+    // threads over sequences when there are enough of them (no partial sums of dB, dC to
+    // allocate and add), else over blocks
+    const int64_t step = g.per_batch ? a.nblk : 1;
+    at::parallel_for(0, a.batch * a.nblk / step, 1, [&](int64_t begin, int64_t end) {
+      Work<T> wk(a.len, a.nstate, true);
+      for (int64_t bi = begin * step; bi < end * step; ++bi)
+        backward_block<T, decltype(ns)::value>(a, bi, wk, dout, dlast, ckpt, nchunks, g);
+    });
+  });
+}
+
+void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& C, const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias,
+                  const at::Tensor& order) {
+  for (const at::Tensor* t : {&u, &delta, &A, &B, &C, &D, &z, &bias}) {
+    if (!t->defined()) continue;
+    TORCH_CHECK(t->device().is_cpu(), "cxpmrg_scan: CPU tensors only");
+    TORCH_CHECK(t->scalar_type() == u.scalar_type(), "cxpmrg_scan: all inputs must have u's dtype");
+  }
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "cxpmrg_scan: u, delta (batch, dim, len)");
+  TORCH_CHECK(A.size(-1) <= MAX_STATE, "cxpmrg_scan: at most ", MAX_STATE, " states");
+  TORCH_CHECK(A.is_contiguous() && (!D.defined() || D.is_contiguous()) && (!bias.defined() || bias.is_contiguous()),
+              "cxpmrg_scan: A, D, delta_bias must be contiguous");
+  if (order.defined())
+    TORCH_CHECK(order.scalar_type() == at::kLong && order.is_contiguous() && order.dim() == 2 &&
+                    order.size(0) == u.size(0) && order.size(1) == u.size(2),
+                "cxpmrg_scan: order must be a contiguous int64 (batch, len) tensor");
+}
+
+at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// Returns (out, last_state or empty, checkpoints or empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    const std::optional<at::Tensor>& D_, const std::optional<at::Tensor>& z_,
+    const std::optional<at::Tensor>& bias_, const std::optional<at::Tensor>& order_, bool softplus, bool keep,
+    bool want_last) {
+  const at::Tensor D = opt(D_), z = opt(z_), bias = opt(bias_), order = opt(order_);
+  check_inputs(u, delta, A, B, C, D, z, bias, order);
+  at::Tensor out = at::empty_like(u);  // u's layout (a channels-last u gives a channels-last output)
+  at::Tensor last = want_last ? at::empty({u.size(0), u.size(1), A.size(-1)}, u.options()) : at::empty({0}, u.options());
+  const int64_t nchunks = (u.size(2) + CHUNK - 1) / CHUNK;
+  at::Tensor ckpt = at::empty({0}, u.options());
+  const at::Tensor Bt = B.transpose(1, 2).contiguous(), Ct = C.transpose(1, 2).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cxpmrg_scan_fwd", [&] {
+    const Args<scalar_t> a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, bias, order, softplus);
+    if (keep) ckpt = at::empty({a.batch * a.nblk, nchunks, a.nstate, Lanes<scalar_t>::W}, u.options());
+    if (u.numel() == 0) return;
+    forward_impl<scalar_t>(a, Dst<scalar_t>(out), want_last ? last.data_ptr<scalar_t>() : nullptr,
+                           keep ? ckpt.data_ptr<scalar_t>() : nullptr, nchunks);
+  });
+  return {out, last, ckpt};
+}
+
+// Returns du, ddelta, dA, dB, dC, dD, dz, dbias, with dA, dD, dbias summed over the batch
+// when the parameter is shared, and empty tensors for absent D, z, bias.
+std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const std::optional<at::Tensor>& dlast_,
+                                 const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D_,
+                                 const std::optional<at::Tensor>& z_, const std::optional<at::Tensor>& bias_,
+                                 const std::optional<at::Tensor>& order_, const at::Tensor& ckpt, bool softplus) {
+  const at::Tensor D = opt(D_), z = opt(z_), bias = opt(bias_), order = opt(order_);
+  check_inputs(u, delta, A, B, C, D, z, bias, order);
+  TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == u.scalar_type(), "cxpmrg_scan: dout like u");
+  at::Tensor dlast;
+  if (dlast_.has_value() && dlast_->defined()) dlast = dlast_->to(u.scalar_type()).contiguous();
+  const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2), N = A.size(-1);
+  const int64_t nchunks = (len + CHUNK - 1) / CHUNK;
+  at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta);  // the layouts of the inputs
+  at::Tensor dz = z.defined() ? at::empty_like(z) : at::empty({0}, u.options());
+  at::Tensor dA = at::empty({batch, dim, N}, u.options());
+  at::Tensor dD = at::empty({batch, dim}, u.options()), dbias = at::empty({batch, dim}, u.options());
+  at::Tensor dBp, dCp;
+  bool per_batch = false;
+  const at::Tensor Bt = B.transpose(1, 2).contiguous(), Ct = C.transpose(1, 2).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cxpmrg_scan_bwd", [&] {
+    const Args<scalar_t> a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, bias, order, softplus);
+    TORCH_CHECK(ckpt.numel() == a.batch * a.nblk * nchunks * N * Lanes<scalar_t>::W,
+                "cxpmrg_scan: checkpoints do not match the inputs");
+    const int64_t threads = at::get_num_threads();
+    per_batch = std::getenv("PB0") == nullptr && (a.nblk == 1 || batch >= threads && (batch % threads == 0 || batch >= 4 * threads));
+    dBp = at::empty({batch, per_batch ? 1 : a.nblk, len, N}, u.options());
+    dCp = at::empty({batch, per_batch ? 1 : a.nblk, len, N}, u.options());
+    if (u.numel() == 0) {
+      dA.zero_(), dD.zero_(), dbias.zero_(), dBp.zero_(), dCp.zero_();
+      return;
+    }
+    Grads<scalar_t> g{Dst<scalar_t>(du), Dst<scalar_t>(ddelta), z.defined() ? Dst<scalar_t>(dz) : Dst<scalar_t>(), dA.data_ptr<scalar_t>(),
+                      dD.data_ptr<scalar_t>(), dbias.data_ptr<scalar_t>(), dBp.data_ptr<scalar_t>(),
+                      dCp.data_ptr<scalar_t>(), per_batch};
+    backward_impl<scalar_t>(a, dout, dlast.defined() ? dlast.data_ptr<scalar_t>() : nullptr,
+                            ckpt.data_ptr<scalar_t>(), nchunks, g);
+  });
+  at::Tensor dB = (per_batch ? dBp.select(1, 0) : dBp.sum(1)).transpose(1, 2);
+  at::Tensor dC = (per_batch ? dCp.select(1, 0) : dCp.sum(1)).transpose(1, 2);
+  if (A.dim() == 2) dA = dA.sum(0);
+  if (!D.defined())
+    dD = at::empty({0}, u.options());
+  else if (D.dim() == 1)
+    dD = dD.sum(0);
+  if (!bias.defined())
+    dbias = at::empty({0}, u.options());
+  else if (bias.dim() == 1)
+    dbias = dbias.sum(0);
+  return {du, ddelta, dA, dB, dC, dD, dz, dbias};
+}
+
+
+// ---------------------------------------------------------------- the mixer's causal depthwise conv
+// Every scan direction g of a Vision Mamba mixer runs a causal depthwise conv (K taps) and SiLU
+// over the tokens in its own order. conv_fwd does all G directions at once from the token-order
+// input x (batch, dim, len) read through strides, tap j of step t reading token order[g, t-K+1+j],
+// and writes (G, batch, len, dim) in token order with channels innermost: the layout the x
+// projection and the scan read without copies. Threads over (batch x blocks of W channels); a
+// block's x is transposed once into lane vectors and used for all directions.
+template <typename T>
+struct ConvArgs {
+  int64_t G, batch, dim, len, K, nblk;
+  Seq3<T> x;
+  const T* w;     // (G, dim, K)
+  const T* bias;  // (G, dim)
+  const int64_t* order;  // (G, len)
+};
+
+template <typename T>
+ConvArgs<T> make_conv_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& order) {
+  ConvArgs<T> a;
+  a.G = w.size(0), a.batch = x.size(0), a.dim = x.size(1), a.len = x.size(2), a.K = w.size(2);
+  a.nblk = (a.dim + Lanes<T>::W - 1) / Lanes<T>::W;
+  a.x = Seq3<T>(x);
+  a.w = w.data_ptr<T>(), a.bias = bias.data_ptr<T>(), a.order = order.data_ptr<int64_t>();
+  return a;
+}
+
+// x of one (batch, channel block) as lane vectors in token order, the block's geometry, and
+// the pre-activation of direction g at every step of its order (the sliding window of K taps)
+template <typename T>
+struct ConvBlock : BlockGeom<T> {
+  using G = BlockGeom<T>;
+  using V = typename G::V;
+  using G::chan, G::nw, G::d0;
+  static constexpr int W = G::W;
+  ConvBlock(const ConvArgs<T>& a, int64_t bi) : G(a.nblk, a.dim, bi) {}
+  V lanes(const T* p, int64_t stride) const {  // values of the block's channels in a row of `dim`
+    V v;
+    if (nw == W) {
+      std::memcpy(&v, p + d0, sizeof(V));
+    } else {
+      for (int w = 0; w < W; ++w) v[w] = p[chan[w] * stride];
+    }
+    return v;
+  }
+  void taps(const ConvArgs<T>& a, int64_t g, V* wv, V& bv) const {
+    for (int64_t j = 0; j < a.K; ++j)
+      for (int w = 0; w < W; ++w) wv[j][w] = a.w[(g * a.dim + chan[w]) * a.K + j];
+    for (int w = 0; w < W; ++w) bv[w] = a.bias[g * a.dim + chan[w]];
+  }
+  // pre[t] = bias + sum_j w[j] x[order[g, t-K+1+j]] for every step t of direction g
+  void pre(const ConvArgs<T>& a, int64_t g, const V* xb, const V* wv, V bv, V* out) const {
+    const int64_t* ord = a.order + g * a.len;
+    for (int64_t t = 0; t < a.len; ++t) {
+      V acc = bv;
+      for (int64_t j = std::max<int64_t>(0, a.K - 1 - t); j < a.K; ++j) acc += wv[j] * xb[ord[t - a.K + 1 + j]];
+      out[t] = acc;
+    }
+  }
+};
+
+template <typename T>
+void conv_forward_impl(const ConvArgs<T>& a, T* out, bool silu) {
+  using V = typename Lanes<T>::V;
+  at::parallel_for(0, a.batch * a.nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<V> xb(a.len), pre(a.len), wv(a.K);
+    for (int64_t bi = begin; bi < end; ++bi) {
+      const ConvBlock<T> blk(a, bi);
+      blk.load(a.x, a.len, xb.data());
+      for (int64_t g = 0; g < a.G; ++g) {
+        V bv;
+        blk.taps(a, g, wv.data(), bv);
+        blk.pre(a, g, xb.data(), wv.data(), bv, pre.data());
+        const int64_t* ord = a.order + g * a.len;
+        T* o = out + (g * a.batch + blk.b) * a.len * a.dim + blk.d0;
+        for (int64_t t = 0; t < a.len; ++t) {
+          const V v = silu ? pre[t] * sigmoid_v(pre[t]) : pre[t];
+          T* row = o + ord[t] * a.dim;
+          if (blk.nw == Lanes<T>::W)
+            std::memcpy(row, &v, sizeof(V));
+          else
+            for (int w = 0; w < blk.nw; ++w) row[w] = v[w];
+        }
+      }
+    }
+  });
+}
+
+// dx (the layout of x), and per batch row partial dw (batch, G, dim, K) and dbias (batch, G, dim)
+template <typename T>
+void conv_backward_impl(const ConvArgs<T>& a, const T* dout, Dst<T> dx, T* dw, T* dbias, bool silu) {
+  using V = typename Lanes<T>::V;
+  at::parallel_for(0, a.batch * a.nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<V> xb(a.len), dp(a.len), gx(a.len), wv(a.K), gw(a.K);
+    for (int64_t bi = begin; bi < end; ++bi) {
+      const ConvBlock<T> blk(a, bi);
+      blk.load(a.x, a.len, xb.data());
+      std::fill(gx.begin(), gx.end(), V{});
+      for (int64_t g = 0; g < a.G; ++g) {
+        V bv;
+        blk.taps(a, g, wv.data(), bv);
+        blk.pre(a, g, xb.data(), wv.data(), bv, dp.data());
+        const int64_t* ord = a.order + g * a.len;
+        const T* d = dout + (g * a.batch + blk.b) * a.len * a.dim;
+        V gb = V{};
+        std::fill(gw.begin(), gw.end(), V{});
+        for (int64_t t = 0; t < a.len; ++t) {
+          const V up = blk.lanes(d + ord[t] * a.dim, 1);
+          V grad = up;
+          if (silu) {
+            const V sg = sigmoid_v(dp[t]);
+            grad = up * sg * (1 + dp[t] * (1 - sg));
+          }
+          gb += grad;
+          for (int64_t j = std::max<int64_t>(0, a.K - 1 - t); j < a.K; ++j) {
+            const int64_t q = ord[t - a.K + 1 + j];
+            gx[q] += wv[j] * grad;
+            gw[j] += grad * xb[q];
+          }
+        }
+        T* dwr = dw + ((blk.b * a.G + g) * a.dim) * a.K;
+        T* dbr = dbias + (blk.b * a.G + g) * a.dim;
+        for (int w = 0; w < blk.nw; ++w) {
+          for (int64_t j = 0; j < a.K; ++j) dwr[(blk.d0 + w) * a.K + j] = gw[j][w];
+          dbr[blk.d0 + w] = gb[w];
+        }
+      }
+      blk.store(gx.data(), dx, a.len);  // dx in x's layout
+    }
+  });
+}
+
+void check_conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& order) {
+  for (const at::Tensor* t : {&x, &w, &bias}) {
+    TORCH_CHECK(t->device().is_cpu(), "cxpmrg_scan.conv: CPU tensors only");
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "cxpmrg_scan.conv: x, weight, bias of one dtype");
+  }
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && w.size(1) == x.size(1) && w.is_contiguous(),
+              "cxpmrg_scan.conv: x (batch, dim, len), weight contiguous (G, dim, K)");
+  TORCH_CHECK(bias.is_contiguous() && bias.dim() == 2 && bias.size(0) == w.size(0) && bias.size(1) == x.size(1),
+              "cxpmrg_scan.conv: bias contiguous (G, dim)");
+  TORCH_CHECK(order.scalar_type() == at::kLong && order.is_contiguous() && order.dim() == 2 &&
+                  order.size(0) == w.size(0) && order.size(1) == x.size(2),
+              "cxpmrg_scan.conv: order contiguous int64 (G, len)");
+}
+
+// (G, batch, len, dim): silu(causal depthwise conv) of every direction, in token order
+at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& order,
+                    bool silu) {
+  check_conv(x, w, bias, order);
+  at::Tensor out = at::empty({w.size(0), x.size(0), x.size(2), x.size(1)}, x.options());
+  if (x.numel() == 0 || w.size(0) == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cxpmrg_conv_fwd", [&] {
+    conv_forward_impl<scalar_t>(make_conv_args<scalar_t>(x, w, bias, order), out.data_ptr<scalar_t>(), silu);
+  });
+  return out;
+}
+
+// dx (x's layout), dweight (G, dim, K), dbias (G, dim)
+std::vector<at::Tensor> conv_bwd(const at::Tensor& dout_, const at::Tensor& x, const at::Tensor& w,
+                                 const at::Tensor& bias, const at::Tensor& order, bool silu) {
+  check_conv(x, w, bias, order);
+  const at::Tensor dout = dout_.to(x.scalar_type()).contiguous();
+  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == w.size(0) && dout.size(1) == x.size(0) &&
+                  dout.size(2) == x.size(2) && dout.size(3) == x.size(1),
+              "cxpmrg_scan.conv: dout (G, batch, len, dim)");
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dw = at::zeros({x.size(0), w.size(0), w.size(1), w.size(2)}, x.options());
+  at::Tensor db = at::zeros({x.size(0), w.size(0), w.size(1)}, x.options());
+  if (x.numel() == 0) return {dx.zero_(), dw.sum(0), db.sum(0)};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cxpmrg_conv_bwd", [&] {
+    conv_backward_impl<scalar_t>(make_conv_args<scalar_t>(x, w, bias, order), dout.data_ptr<scalar_t>(),
+                                 Dst<scalar_t>(dx), dw.data_ptr<scalar_t>(), db.data_ptr<scalar_t>(), silu);
+  });
+  return {dx, dw.sum(0), db.sum(0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cxpmrg_scan, m) {
+  m.def("scan_fwd", &scan_fwd);
+  m.def("scan_bwd", &scan_bwd);
+  m.def("conv_fwd", &conv_fwd);
+  m.def("conv_bwd", &conv_bwd);
+}

@@ -1,0 +1,372 @@
+"""The MambaXray-VL visual encoder: patches -> Vision Mamba blocks -> tokens and a pooled vector.
+
+Blocks are RMSNorm -> Mamba mixer -> residual, RMSNorm -> SwiGLU MLP -> residual.
+The mixer's parameters carry mamba_ssm's `Mamba` names (in_proj, conv1d, x_proj,
+dt_proj, A_log, D, out_proj) so one state dict serves the CPU scan and the CUDA
+kernel. Stage 1 scans one way (a causal sequence, which the autoregressive head
+needs); stages 2-3 scan four ways (rows forward/backward, columns forward/backward)
+with the extra directions' weights copied from the 1-way ones (`expand_to_four_way`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxpmrg_lib.models import mixer_conv
+from cxpmrg_lib.models.ssm import scan_impl_name, selective_scan
+
+__all__ = ["EncoderConfig", "VisionMamba", "MambaMixer", "EncoderOutput", "expand_to_four_way",
+           "sincos_pos_embed_2d", "study_tokens", "match_channels", "DIRECTIONS", "DIRECTION_PARAMS"]
+
+# Suffix of each scan direction's private parameters; "" is the 1-way direction (mamba_ssm names).
+DIRECTIONS = {"1-way": ("",), "4-way": ("", "_b", "_col", "_col_b")}
+# Parameters each direction owns (in_proj and out_proj are shared by all directions).
+DIRECTION_PARAMS = ("conv1d", "x_proj", "dt_proj", "A_log", "D")
+
+
+@dataclass
+class EncoderConfig:
+    image_size: int = 128
+    patch_size: int = 16
+    in_chans: int = 1
+    dim: int = 128
+    depth: int = 8
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 1
+    mlp_ratio: float = 4.0
+    scan: str = "1-way"
+    dt_rank: int | None = None       # None: ceil(dim / 16), as in mamba_ssm
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.scan not in DIRECTIONS:
+            raise ValueError(f"scan must be one of {sorted(DIRECTIONS)}, not {self.scan!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EncoderOutput:
+    tokens: torch.Tensor                      # (B, L, dim), after the final norm
+    pooled: torch.Tensor                      # (B, dim), mean over tokens
+    layers: list[torch.Tensor] = field(default_factory=list)  # hidden states after the requested blocks
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2D sine-cosine position embedding, (grid*grid, dim), row-major like the patches."""
+    if dim % 4:
+        raise ValueError(f"embedding width {dim} must be divisible by 4 for a 2D sin-cos embedding")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def embed(pos):
+        angles = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([embed(rows), embed(cols)], dim=1).float()
+
+
+def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, channels, H, W): grey repeated for RGB, RGB averaged for grey."""
+    if images.shape[1] == channels:
+        return images
+    if images.shape[1] == 1:
+        return images.expand(-1, channels, -1, -1)
+    if channels == 1:
+        return images.mean(dim=1, keepdim=True)
+    raise ValueError(f"encoder takes {channels} channels, got {images.shape[1]}")
+
+
+class MambaMixer(nn.Module):
+    """A Mamba-1 mixer over a token sequence, with one private parameter set per scan direction."""
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 1,
+                 dt_rank: int | None = None, directions: Sequence[str] = ("",), grid: int | None = None):
+        super().__init__()
+        self.d_inner = expand * dim
+        self.d_state, self.d_conv = d_state, d_conv
+        self.dt_rank = dt_rank or math.ceil(dim / 16)
+        self.directions = tuple(directions)
+        self.grid = grid
+        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+        for suffix in self.directions:
+            self._add_direction(suffix)
+
+    def _add_direction(self, suffix: str) -> None:
+        d, n, r = self.d_inner, self.d_state, self.dt_rank
+        conv = nn.Conv1d(d, d, self.d_conv, groups=d, padding=self.d_conv - 1, bias=True)
+        x_proj = nn.Linear(d, r + 2 * n, bias=False)
+        dt_proj = nn.Linear(r, d, bias=True)
+        dt_proj._is_dt_proj = True
+        # mamba_ssm's initialisation: dt log-uniform in [1e-3, 1e-1] through the softplus bias.
+        std = r ** -0.5
+        nn.init.uniform_(dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(d) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        with torch.no_grad():
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        a_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d, 1))
+        a_log._no_weight_decay = True
+        skip = nn.Parameter(torch.ones(d))
+        skip._no_weight_decay = True
+        self.add_module("conv1d" + suffix, conv)
+        self.add_module("x_proj" + suffix, x_proj)
+        self.add_module("dt_proj" + suffix, dt_proj)
+        self.register_parameter("A_log" + suffix, a_log)
+        self.register_parameter("D" + suffix, skip)
+
+    def _reorder(self, x: torch.Tensor, suffix: str, inverse: bool = False) -> torch.Tensor:
+        """Put a (B, C, L) row-major sequence into the direction's scan order, or back with inverse."""
+        flip, transpose = suffix.endswith("_b"), suffix.startswith("_col")
+        if transpose:
+            b, c, length = x.shape
+            if self.grid is None or self.grid ** 2 != length:
+                raise ValueError(f"column scans need the full square grid of tokens; got {length} tokens "
+                                 f"for grid {self.grid}")
+        if flip and inverse:
+            x = x.flip(-1)
+        if transpose:
+            # the transpose of a square grid is its own inverse
+            x = x.reshape(b, c, self.grid, self.grid).transpose(-1, -2).reshape(b, c, length)
+        if flip and not inverse:
+            x = x.flip(-1)
+        return x
+
+    def _scan(self, x: torch.Tensor, z: torch.Tensor, suffix: str) -> torch.Tensor:
+        length = x.shape[-1]
+        conv = getattr(self, "conv1d" + suffix)
+        x = F.silu(conv(x)[..., :length])
+        x_dbl = getattr(self, "x_proj" + suffix)(x.transpose(1, 2))          # (B, L, r + 2n)
+        dt, b_in, c_in = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt_proj = getattr(self, "dt_proj" + suffix)
+        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)                   # (B, d, L); bias goes to the scan
+        a = -torch.exp(getattr(self, "A_log" + suffix).float())
+        return selective_scan(x, delta, a, b_in.transpose(1, 2), c_in.transpose(1, 2),
+                              D=getattr(self, "D" + suffix).float(), z=z, delta_bias=dt_proj.bias.float(),
+                              delta_softplus=True)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, L, dim) -> (B, L, dim); with several directions their outputs are averaged.
+
+        Several directions on a CPU run as one batched computation (`_scan_merged`: the same
+        arithmetic, a quarter of the per-step dispatches for 4-way); with the compiled CPU kernels a
+        single direction takes that path too (the compiled conv and the channels-last layout). On CUDA
+        each direction calls mamba-ssm's kernel (`_scan`), which takes one parameter set per call.
+        """
+        xz = self.in_proj(hidden).transpose(1, 2)                           # (B, 2d, L)
+        x, z = xz.chunk(2, dim=1)
+        if self.merge_directions and not hidden.is_cuda and (len(self.directions) > 1 or _compiled_cpu(hidden)):
+            ys = self._scan_merged(x, z)                                     # already in token order
+        else:
+            ys = [self._reorder(self._scan(self._reorder(x, s), self._reorder(z, s), s), s, inverse=True)
+                  for s in self.directions]
+        total = None
+        for y in ys:
+            total = y if total is None else total + y
+        y = total if len(ys) == 1 else total / len(ys)
+        return self.out_proj(y.transpose(1, 2))
+
+    merge_directions = True  # class default; set False on an instance to force the per-direction path
+
+    def scan_orders(self, length: int, device=None) -> torch.Tensor:
+        """(directions, length) int64: step t of direction g's scan reads token orders[g, t] (row-major
+        tokens; `_reorder` as an index, so that the scan reads each direction in place)."""
+        rows = []
+        for suffix in self.directions:
+            idx = torch.arange(length, device=device)
+            if suffix.startswith("_col"):
+                if self.grid is None or self.grid ** 2 != length:
+                    raise ValueError(f"column scans need the full square grid of tokens; got {length} tokens "
+                                     f"for grid {self.grid}")
+                idx = idx.view(self.grid, self.grid).t().reshape(-1)
+            if suffix.endswith("_b"):
+                idx = idx.flip(0)
+            rows.append(idx)
+        return torch.stack(rows)
+
+    def _scan_merged(self, x: torch.Tensor, z: torch.Tensor) -> list[torch.Tensor]:
+        """Every direction's `_scan` at once: directions stacked as channels for the depthwise conv
+        and as a leading dim for the projections, then folded into the batch of one selective scan
+        whose A, D and dt bias are given per sequence. The causal conv needs each direction's scan
+        order (one gather of x); everything after it stays in token order and the scan is told each
+        direction's order (`order=`), so z is not reordered and the outputs need no inverse reorder.
+        Returns the directions' outputs in token order."""
+        dirs = self.directions
+        g, (b, d, length) = len(dirs), x.shape
+        n, r = self.d_state, self.dt_rank
+        orders = self.scan_orders(length, x.device)                                   # (G, L)
+        mods = [(getattr(self, "conv1d" + s), getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s)) for s in dirs]
+
+        def stack(ts: list[torch.Tensor]) -> torch.Tensor:                            # one direction: a view
+            return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+        x_proj_w = stack([xp.weight for _, xp, _ in mods])                           # (G, r + 2n, d)
+        dt_proj_w = stack([dp.weight for _, _, dp in mods])                          # (G, d, r)
+        if _compiled_cpu(x):
+            # channels innermost throughout: the compiled conv writes (G, B, L, d) in token order, the
+            # projections are batched matmuls over it, and the scan reads u, delta, z and writes its
+            # output in that layout (no gathers, no layout copies; the output's transpose is contiguous)
+            conv_w = stack([c.weight[:, 0, :] for c, _, _ in mods])                 # (G, d, k)
+            xc = mixer_conv.causal_conv_silu(x, conv_w, stack([c.bias for c, _, _ in mods]), orders)
+            x_dbl = torch.matmul(xc.view(g, b * length, d), x_proj_w.transpose(1, 2))  # (G, B*L, r + 2n)
+            dt, b_in, c_in = torch.split(x_dbl, [r, n, n], dim=-1)
+            delta = torch.matmul(dt, dt_proj_w.transpose(1, 2))                     # (G, B*L, d)
+
+            def seq_major(t: torch.Tensor) -> torch.Tensor:                         # (G, B*L, c) -> (G*B, c, L)
+                return t.reshape(g * b, length, t.shape[-1]).transpose(1, 2)
+
+            u, delta, b_in, c_in = seq_major(xc.view(g, b * length, d)), seq_major(delta), seq_major(b_in), \
+                seq_major(c_in)
+            z_all = seq_major(z.transpose(1, 2).unsqueeze(0).expand(g, b, length, d).reshape(g, b * length, d))
+        else:
+            inverse = torch.argsort(orders, dim=-1)
+            xs = x.unsqueeze(1).expand(b, g, d, length).gather(3, orders[None, :, None, :].expand(b, g, d, length))
+            conv_w = torch.cat([c.weight for c, _, _ in mods])                       # (G*d, 1, k)
+            conv_b = torch.cat([c.bias for c, _, _ in mods])
+            xc = F.conv1d(xs.reshape(b, g * d, length), conv_w, conv_b, padding=self.d_conv - 1, groups=g * d)
+            xc = F.silu(xc[..., :length]).view(b, g, d, length)
+            xc = xc.gather(3, inverse[None, :, None, :].expand(b, g, d, length))     # back to token order
+            x_dbl = torch.einsum("bgdl,ged->bgle", xc, x_proj_w)
+            dt, b_in, c_in = torch.split(x_dbl, [r, n, n], dim=-1)                 # (B, G, L, .)
+            delta = torch.einsum("bglr,gdr->gbdl", dt, dt_proj_w).reshape(g * b, d, length)
+            u = xc.transpose(0, 1).reshape(g * b, d, length)
+            b_in = b_in.transpose(0, 1).reshape(g * b, length, n).transpose(1, 2)
+            c_in = c_in.transpose(0, 1).reshape(g * b, length, n).transpose(1, 2)
+            z_all = z.unsqueeze(0).expand(g, b, d, length).reshape(g * b, d, length)
+
+        def per_seq(t: torch.Tensor) -> torch.Tensor:                               # (G, ...) -> (G*B, ...)
+            return t.unsqueeze(1).expand(g, b, *t.shape[1:]).reshape(g * b, *t.shape[1:])
+
+        a = -torch.exp(stack([getattr(self, "A_log" + s) for s in dirs]).float())
+        y = selective_scan(u, delta, per_seq(a), b_in, c_in,
+                           D=per_seq(stack([getattr(self, "D" + s) for s in dirs]).float()),
+                           z=z_all, delta_bias=per_seq(stack([dp.bias for _, _, dp in mods]).float()),
+                           delta_softplus=True, order=per_seq(orders))
+        return list(y.view(g, b, d, length).unbind(0))
+
+
+def _compiled_cpu(x: torch.Tensor) -> bool:
+    """Whether the mixer takes the compiled CPU kernels (scan and conv) for x."""
+    return x.device.type == "cpu" and scan_impl_name("cpu") == "compiled" and mixer_conv.available()
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(gate) * value)
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mixer = MambaMixer(cfg.dim, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank,
+                                DIRECTIONS[cfg.scan], cfg.grid)
+        self.norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        hidden = int(round(cfg.dim * cfg.mlp_ratio * 2 / 3 / 8)) * 8
+        self.mlp = SwiGLU(cfg.dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionMamba(nn.Module):
+    """Images (B, C, S, S) -> EncoderOutput. Grey input feeds an RGB encoder by repetition and vice versa."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.dim, cfg.grid)[None], persistent=False)
+        self.blocks = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.depth))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.apply(_init_linear)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) -> (B, grid*grid, dim) row-major patch tokens with positions added."""
+        cfg = self.config
+        if images.ndim != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
+        if images.shape[-1] != cfg.image_size or images.shape[-2] != cfg.image_size:
+            raise ValueError(f"encoder expects {cfg.image_size}x{cfg.image_size} images, "
+                             f"got {images.shape[-2]}x{images.shape[-1]}")
+        x = self.patch_embed(match_channels(images, cfg.in_chans)).flatten(2).transpose(1, 2)
+        return x + self.pos_embed.to(x.dtype)
+
+    def forward_tokens(self, x: torch.Tensor, return_layers: Sequence[int] = ()) -> EncoderOutput:
+        """Run the blocks on a token sequence (B, L, dim); `return_layers` are 1-based block depths."""
+        wanted = set(return_layers)
+        bad = [d for d in wanted if not 1 <= d <= len(self.blocks)]
+        if bad:
+            raise ValueError(f"return_layers {bad} outside 1..{len(self.blocks)}")
+        layers = []
+        for depth, block in enumerate(self.blocks, start=1):
+            x = block(x)
+            if depth in wanted:
+                layers.append(x)
+        tokens = self.norm(x)
+        return EncoderOutput(tokens=tokens, pooled=tokens.mean(dim=1), layers=layers)
+
+    def forward(self, images: torch.Tensor, return_layers: Sequence[int] = ()) -> EncoderOutput:
+        return self.forward_tokens(self.embed(images), return_layers)
+
+
+def _init_linear(module: nn.Module) -> None:
+    """Biases start at zero, except dt_proj's, which sets the initial step sizes."""
+    if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module, "_is_dt_proj", False):
+        nn.init.zeros_(module.bias)
+
+
+def study_tokens(encoder: VisionMamba, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, M, C, S, S) views with a (B, M) mask -> (B, L, dim) tokens averaged over the real views."""
+    if images.ndim == 4:
+        return encoder(images).tokens
+    b, m = images.shape[:2]
+    if mask is None:
+        mask = torch.ones(b, m, dtype=torch.bool, device=images.device)
+    if not bool(mask.any(dim=1).all()):
+        missing = (~mask.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"studies at batch positions {missing} have no image")
+    tokens = encoder(images[mask]).tokens
+    out = tokens.new_zeros(b, m, *tokens.shape[1:])
+    out[mask] = tokens
+    return out.sum(1) / mask.sum(1).to(tokens.dtype)[:, None, None]
+
+
+def expand_to_four_way(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A 1-way encoder state dict -> a 4-way one: each new direction starts as a copy of the 1-way weights."""
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if part in DIRECTION_PARAMS and i > 0 and parts[i - 1] == "mixer":
+                for suffix in DIRECTIONS["4-way"][1:]:
+                    new = ".".join(parts[:i] + [part + suffix] + parts[i + 1:])
+                    out[new] = value.clone()
+                break
+    return out

@@ -1,0 +1,92 @@
+"""Model sizes: `tiny` trains on a laptop CPU in minutes; `base` and `large` are the paper's.
+
+A preset fixes the architecture (what a checkpoint must match) and the default
+training settings of each stage; a stage config can override the training
+settings but not the architecture.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from cxpmrg_lib.models.arm import ARMConfig
+from cxpmrg_lib.models.report_lm import ReportLMConfig
+from cxpmrg_lib.models.text_encoder import TextEncoderConfig
+from cxpmrg_lib.models.vision_mamba import EncoderConfig
+
+__all__ = ["Preset", "PRESETS", "get_preset", "STAGE3_STEPS", "PROJECTION_LR", "VALIDATIONS"]
+
+# The report-generation budget of the tiny preset, shared by every trained system of the benchmark.
+STAGE3_STEPS = 200
+# Peak learning rate of a fresh Linear + LayerNorm projection into a frozen LM (the rest of the model keeps
+# its own rate): the projection starts from nothing and is the only way into the LM.
+PROJECTION_LR = 3e-3
+# Validations per training run (checkpoint selection and the diagnostics curves).
+VALIDATIONS = 4
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    arm: ARMConfig
+    stage1: dict = field(default_factory=dict)   # TrainConfig defaults for autoregressive pre-training
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    proj_dim: int = 256                          # shared image/report space of stage 2 (paper: 2048)
+    stage2: dict = field(default_factory=dict)   # TrainConfig defaults for contrastive pre-training
+    report_lm: ReportLMConfig = field(default_factory=ReportLMConfig)   # the report LM (fresh, or pretrained=PATH)
+    lm_stage: dict = field(default_factory=dict)  # TrainConfig defaults for training a fresh report LM
+    stage3: dict = field(default_factory=dict)    # TrainConfig defaults for report fine-tuning
+    note: str = ""
+
+    @property
+    def encoder(self) -> EncoderConfig:
+        return self.arm.encoder
+
+
+PRESETS: dict[str, Preset] = {
+    # 128 px / patch 16 = 8x8 grid = 4 clusters; 8 blocks of width 128 (about 2 M encoder parameters).
+    "tiny": Preset(
+        name="tiny",
+        arm=ARMConfig(encoder=EncoderConfig(image_size=128, patch_size=16, dim=128, depth=8),
+                      decoder_dim=128, decoder_heads=4, feature_layers=(2, 4, 6, 8)),
+        stage1=dict(batch_size=32, lr=1.5e-3, weight_decay=0.05, epochs=8, min_lr_ratio=0.05, clip_grad=1.0),
+        text=TextEncoderConfig(hidden=128, layers=2, heads=4, max_length=128),
+        proj_dim=256,
+        stage2=dict(batch_size=32, lr=5e-4, weight_decay=0.05, epochs=3, min_lr_ratio=0.05, clip_grad=1.0),
+        report_lm=ReportLMConfig(hidden_size=192, num_layers=4, num_heads=6, intermediate_size=512, max_position=320),
+        lm_stage=dict(batch_size=32, lr=1e-3, weight_decay=0.05, epochs=6, min_lr_ratio=0.05, clip_grad=1.0),
+        # Stage 3 in optimizer steps, not epochs, so a bigger or smaller dataset does not silently change it
+        # (`epochs=` still works and replaces it); 2 epochs of the default phantom were 130 steps.
+        stage3=dict(batch_size=16, lr=3e-4, weight_decay=0.05, max_steps=STAGE3_STEPS, min_lr_ratio=0.05,
+                    clip_grad=1.0),
+        note="CPU default; phantom data",
+    ),
+    # The paper's sizes: 192 px / patch 16 = 12x12 grid = 9 clusters; decoder width 512, 4 blocks.
+    "base": Preset(
+        name="base",
+        arm=ARMConfig(encoder=EncoderConfig(image_size=192, patch_size=16, dim=768, depth=12),
+                      decoder_dim=512, decoder_heads=16, feature_layers=(6, 8, 10, 12)),
+        stage1=dict(batch_size=256, lr=1.5e-4, weight_decay=0.05, epochs=100, min_lr_ratio=0.01),
+        text=TextEncoderConfig(hidden=768, layers=12, heads=12, max_length=256),  # or pretrained=Bio_ClinicalBERT
+        proj_dim=2048,
+        stage2=dict(batch_size=128, lr=5e-5, weight_decay=0.05, epochs=10, min_lr_ratio=0.01),
+        note="paper size (768 x 12), GPU",
+    ),
+    "large": Preset(
+        name="large",
+        arm=ARMConfig(encoder=EncoderConfig(image_size=192, patch_size=16, dim=1024, depth=24),
+                      decoder_dim=512, decoder_heads=16, feature_layers=(12, 16, 20, 24)),
+        stage1=dict(batch_size=256, lr=1.5e-4, weight_decay=0.05, epochs=100, min_lr_ratio=0.01),
+        text=TextEncoderConfig(hidden=768, layers=12, heads=12, max_length=256),
+        proj_dim=2048,
+        stage2=dict(batch_size=128, lr=5e-5, weight_decay=0.05, epochs=10, min_lr_ratio=0.01),
+        note="paper size (1024 x 24), GPU",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """A deep copy of the named preset (callers may change its configs freely)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,153 @@
+"""What every stage shares: its config fields, the run folder named by a hash of the config, the device."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from cxpmrg_lib import runlock
+from cxpmrg_lib.errors import RunError
+from cxpmrg_lib.fileio import write_json, write_text
+from cxpmrg_lib.models.ssm import take_scan_impls
+from cxpmrg_lib.presets import get_preset
+from cxpmrg_lib.stage_data import DEFAULT_LOADER
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StageConfig", "config_hash", "run_dir_for", "resolve_device", "read_summary", "start_run", "finish_run",
+           "RunError", "require_run"]
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage config has. Training fields left as None take the preset's defaults
+    (presets.py, the dict named by the subclass's `preset_defaults`)."""
+    dataset_root: str
+    dataset_kind: str = "auto"
+    preset: str = "tiny"
+    run_root: str = "runs"
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    loader: dict = field(default_factory=lambda: dict(DEFAULT_LOADER))  # load_study_table options
+    device: str = "auto"                 # not part of the hash: the result does not depend on it beyond float noise
+    on_bad_image: str = "skip"           # "skip": drop unreadable views and count them; "error": stop at the first
+
+    preset_defaults = "stage1"           # class attribute, not a field
+
+    def __post_init__(self):
+        if self.on_bad_image not in ("skip", "error"):
+            raise ValueError(f"on_bad_image must be 'skip' or 'error', not {self.on_bad_image!r}")
+
+    def train_settings(self) -> dict:
+        """The preset's TrainConfig defaults with this config's non-None overrides."""
+        settings = dict(getattr(get_preset(self.preset), self.preset_defaults))
+        if self.epochs is not None and self.max_steps is None:
+            settings.pop("max_steps", None)      # asked for epochs: a preset's step budget gives way to them
+        for key in ("epochs", "max_steps", "batch_size", "lr"):
+            value = getattr(self, key)
+            if value is not None:
+                settings[key] = value
+        settings["seed"] = self.seed
+        return settings
+
+    def shared(self) -> dict:
+        """The fields an earlier stage's config takes from this one (same data, preset, seed, folders)."""
+        return {k: getattr(self, k) for k in ("dataset_root", "dataset_kind", "preset", "run_root", "seed",
+                                              "loader", "device", "on_bad_image")}
+
+    def payload(self, stage: str) -> dict:
+        """The start of the hashed description of a run: which stage on which data."""
+        from cxpmrg_lib.data import detect_kind
+        from cxpmrg_lib.data.check import loader_options
+
+        # Options the tree's loader ignores (section= for an R2Gen tree) do not change the run.
+        kind = detect_kind(self.dataset_root) if self.dataset_kind == "auto" else self.dataset_kind
+        return {"stage": stage, "dataset": str(Path(self.dataset_root).resolve()),
+                "dataset_kind": self.dataset_kind, "loader": loader_options(kind, self.loader)}
+
+
+def config_hash(payload: dict) -> str:
+    """Twelve hex digits of the sha256 of the canonical JSON of what determines a run's result."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_dir_for(run_root: str | os.PathLike, dataset_root: str | os.PathLike, preset: str, stage: str,
+                payload: dict) -> Path:
+    dataset = Path(dataset_root).resolve().name or "dataset"
+    return Path(run_root) / dataset / preset / stage / config_hash(payload)
+
+
+def start_run(config: StageConfig, stage: str, payload: dict, label: str) -> tuple[Path, bool]:
+    """(run directory, finished). A finished run (summary.json present) is reused as is; a new or
+    interrupted one is held for this process (another process training it is waited for: see
+    runlock) and gets its config.yaml (the config and the hashed payload) written. The stage
+    ends it with `finish_run`."""
+    run_dir = run_dir_for(config.run_root, config.dataset_root, config.preset, stage, payload)
+    if (run_dir / "summary.json").exists():
+        log.info("%s: reusing finished run %s", label, run_dir)
+        return run_dir, True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runlock.claim(run_dir, label)
+    if (run_dir / "summary.json").exists():          # another process finished it while this one waited
+        runlock.release(run_dir)
+        log.info("%s: reusing run %s, finished by another process", label, run_dir)
+        return run_dir, True
+    write_text(run_dir / "config.yaml", yaml.safe_dump({"config": asdict(config), "resolved": payload},
+                                                       sort_keys=False))
+    return run_dir, False
+
+
+def finish_run(run_dir: Path, summary: dict) -> Path:
+    """Write a run's summary.json (its presence marks the run finished) and release the run."""
+    write_json(Path(run_dir) / "summary.json", {**summary, "scan_impl": take_scan_impls()})  # not in the config hash
+    runlock.release(run_dir)
+    return Path(run_dir)
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> cuda when available, else cpu; a CUDA device asked for on a machine without one is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for but CUDA is not available")
+    return device
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+STAGE_NAMES = {"autoregressive": "stage-1 (autoregressive)", "contrastive": "stage-2 (contrastive)",
+               "report_lm": "report-LM", "finetune": "stage-3 (report generation)"}
+
+
+def require_run(run_dir: str | os.PathLike, stage: str, preset: str | None = None) -> Path:
+    """Check that `run_dir` is a finished run of `stage` (and of `preset` when given); RunError naming it if not."""
+    run_dir = Path(run_dir)
+    want = STAGE_NAMES.get(stage, stage)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run directory (expected a finished {want} run)")
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise RunError(f"{run_dir} is not a run directory of this study (no config.yaml); expected a {want} run")
+    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    got = (cfg.get("resolved") or {}).get("stage")
+    if got != stage:
+        raise RunError(f"{run_dir} is a {STAGE_NAMES.get(got, got)} run, not a {want} run")
+    got_preset = (cfg.get("config") or {}).get("preset")
+    if preset is not None and got_preset != preset:
+        raise RunError(f"{run_dir} was trained with preset {got_preset!r}, not {preset!r}: its weights do not fit")
+    if not (run_dir / "summary.json").exists():
+        raise RunError(f"{run_dir} is an unfinished {want} run (no summary.json): run the stage again with the "
+                       "same settings to resume it from its last checkpoint")
+    return run_dir
