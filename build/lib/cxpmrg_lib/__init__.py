@@ -1,2 +1,0 @@
-"""cxpmrg_lib: a reproducible study of chest X-ray report generation."""
-__version__ = "0.1.0"

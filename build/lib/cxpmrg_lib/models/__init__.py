@@ -1,1 +1,0 @@
-"""Models: the Vision Mamba encoder and its heads, the text side, the benchmark zoo."""
