@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from cxpmrg_lib.models import mixer_conv
+from cxpmrg_lib.models.ssm import compiled_available
 
-pytestmark = pytest.mark.skipif(not mixer_conv.available(), reason="the compiled scan extension did not build here")
+pytestmark = pytest.mark.skipif(not compiled_available(), reason="the compiled scan extension did not build here")
 
 
 def reference(x, weight, bias, orders):

@@ -8,23 +8,15 @@ itself (4-way tiny encoder, 128 px: conv + gathers + copies ~20% of a training s
 compiled op (csrc/selective_scan.cpp, conv_fwd/conv_bwd, built with the scan) reads x in token
 order through the orders and writes (G, batch, length, dim) with channels innermost, the layout
 in which the x projection is one batched matmul and the scan reads its inputs without copies.
+It is there exactly when the compiled scan is (`ssm.compiled_available()`).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["causal_conv_silu", "available"]
+from cxpmrg_lib.models.ssm_build import load_kernel as _ops
 
-
-def _ops():
-    from cxpmrg_lib.models.ssm_build import load_kernel
-
-    return load_kernel()
-
-
-def available() -> bool:
-    """Whether the compiled op is built here (the scan's extension)."""
-    return _ops() is not None
+__all__ = ["causal_conv_silu"]
 
 
 class _ConvSiluFn(torch.autograd.Function):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxpmrg_lib.models import mixer_conv
-from cxpmrg_lib.models.ssm import scan_impl_name, selective_scan
+from cxpmrg_lib.models.ssm import compiled_available, scan_impl_name, selective_scan
 
 __all__ = ["EncoderConfig", "VisionMamba", "MambaMixer", "EncoderOutput", "expand_to_four_way",
            "sincos_pos_embed_2d", "study_tokens", "match_channels", "DIRECTIONS", "DIRECTION_PARAMS"]
@@ -266,7 +266,7 @@ class MambaMixer(nn.Module):
 
 def _compiled_cpu(x: torch.Tensor) -> bool:
     """Whether the mixer takes the compiled CPU kernels (scan and conv) for x."""
-    return x.device.type == "cpu" and scan_impl_name("cpu") == "compiled" and mixer_conv.available()
+    return x.device.type == "cpu" and scan_impl_name("cpu") == "compiled" and compiled_available()
 
 
 class SwiGLU(nn.Module):

@@ -27,7 +27,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -126,8 +125,9 @@ inline V sigmoid_v(V x) {
 }
 
 // Sums of the lanes of W vectors at once (the backward's contractions over channels): a
-// tree of shuffles that halves the vectors at each level; lane L of the result holds the sum of
-// vector bitrev(L). 2W - 2 shuffles and W - 1 additions instead of W (W - 1) scalar additions.
+// tree of shuffles that halves the vectors at each level (which leaves the sum of vector bitrev(L)
+// in lane L; one last shuffle puts lane L's own sum there). 2W - 1 shuffles and W - 1 additions
+// instead of W (W - 1) scalar additions.
 inline vf fold(vf x, vf y, vi lo, vi h) { return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, lo + h); }
 inline vd fold(vd x, vd y, vl lo, vl h) { return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, lo + h); }
 
@@ -632,7 +632,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const std::optional<at:
     TORCH_CHECK(ckpt.numel() == a.batch * a.nblk * nchunks * N * Lanes<scalar_t>::W,
                 "cxpmrg_scan: checkpoints do not match the inputs");
     const int64_t threads = at::get_num_threads();
-    per_batch = std::getenv("PB0") == nullptr && (a.nblk == 1 || batch >= threads && (batch % threads == 0 || batch >= 4 * threads));
+    per_batch = a.nblk == 1 || (batch >= threads && (batch % threads == 0 || batch >= 4 * threads));
     dBp = at::empty({batch, per_batch ? 1 : a.nblk, len, N}, u.options());
     dCp = at::empty({batch, per_batch ? 1 : a.nblk, len, N}, u.options());
     if (u.numel() == 0) {
