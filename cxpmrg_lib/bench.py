@@ -41,7 +41,7 @@ from cxpmrg_lib.stages.common import StageConfig, config_hash, resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["encoder_spread", "SYSTEMS", "DEFAULT_SYSTEMS", "SMOKE_SYSTEMS", "notebook_config", "for_dataset", "FROM_SCRATCH_LR", "System", "BenchConfig", "run_bench", "bench_dir", "read_results",
+__all__ = ["backbone_steps_table", "encoder_spread", "SYSTEMS", "DEFAULT_SYSTEMS", "SMOKE_SYSTEMS", "notebook_config", "for_dataset", "FROM_SCRATCH_LR", "System", "BenchConfig", "run_bench", "bench_dir", "read_results",
            "ranked_table", "per_label_f1", "pairwise_pvalues"]
 
 
@@ -63,7 +63,7 @@ FROM_SCRATCH_LR = 1e-3
 SYSTEMS: dict[str, System] = {s.slug: s for s in [
     System("most-common", "Most common report", "floor", "most_common", "-"),
     System("nearest-neighbour", "Nearest neighbour (stage-2 embedding)", "floor", "nearest", "-"),
-    System("transformer", "Transformer (ViT + decoder)", "encoder-decoder", "zoo",
+    System("transformer", "Transformer (CNN + encoder-decoder)", "encoder-decoder", "zoo",
            "Vaswani et al., NeurIPS 2017; the base model of Chen et al., EMNLP 2020",
            (("model", "transformer"), ("lr", FROM_SCRATCH_LR))),
     System("r2gen", "R2Gen", "encoder-decoder", "zoo", "Chen et al., EMNLP 2020",
@@ -72,7 +72,7 @@ SYSTEMS: dict[str, System] = {s.slug: s for s in [
            (("model", "cmn"), ("lr", FROM_SCRATCH_LR))),
     System("cvt2gpt2", "CvT2DistilGPT2-style (conv ViT + GPT-2)", "encoder-decoder", "cvt2gpt2",
            "Nicolson et al., Artificial Intelligence in Medicine 2023"),
-    System("r2gengpt", "R2GenGPT-style (ViT + frozen LM)", "frozen LM", "r2gengpt", "Wang et al., Meta-Radiology 2023",
+    System("r2gengpt", "R2GenGPT-style (conv ViT + frozen LM)", "frozen LM", "r2gengpt", "Wang et al., Meta-Radiology 2023",
            (("lr", FROM_SCRATCH_LR),)),
     System("mambaxray-vl", "MambaXray-VL", "MambaXray-VL", "mamba", _MAMBA, (("init", "stage2"),)),
     System("mambaxray-vl-no-stage1", "MambaXray-VL w/o stage 1", "MambaXray-VL", "mamba", _MAMBA,
@@ -81,6 +81,10 @@ SYSTEMS: dict[str, System] = {s.slug: s for s in [
            (("init", "stage1"),)),
     System("mambaxray-vl-no-pretraining", "MambaXray-VL w/o stages 1-2", "MambaXray-VL", "mamba", _MAMBA,
            (("init", "random"),)),
+    # Not the paper's: MambaXray-VL whose stage-2 encoder also gets the from-scratch systems' backbone step, so
+    # that the comparison with them holds the supervision equal (the architecture and stages 1-2 on top of it)
+    System("mambaxray-vl-label-step", "MambaXray-VL + backbone label step", "MambaXray-VL", "mamba", _MAMBA,
+           (("init", "stage2"), ("encoder_pretraining", "labels"))),
     System("lm-llama", "LM swap: Llama", "LM swap", "lm_swap", "Touvron et al., 2023 (Llama 2)", (("arch", "llama"),)),
     System("lm-qwen2", "LM swap: Qwen2", "LM swap", "lm_swap", "Yang et al., 2024 (Qwen2)", (("arch", "qwen2"),)),
     System("lm-gpt2", "LM swap: GPT-2", "LM swap", "lm_swap", "Radford et al., 2019 (GPT-2)", (("arch", "gpt2"),)),
@@ -98,6 +102,9 @@ DEFAULT_SYSTEMS = ["mambaxray-vl", "most-common", "nearest-neighbour", "transfor
 REFERENCE = "mambaxray-vl"
 
 
+BACKBONE_PRETRAINING = ("labels", "contrastive", "none")
+
+
 @dataclass
 class BenchConfig(StageConfig):
     """The benchmark's settings (StageConfig's fields: data, preset, folders, training budget overrides)."""
@@ -109,7 +116,7 @@ class BenchConfig(StageConfig):
     no_repeat_ngram_size: int = 3
     max_words: int = 100                 # report words the word-level systems supervise (R2Gen's MIMIC setting)
     min_word_count: int = 3              # a word enters their vocabulary when seen this often in training
-    lm_epochs: float = 2.0               # the LM swap: epochs of each fresh LM on the reports
+    lm_epochs: float = 0                 # the LM swap: epochs of each fresh LM; 0: the budget of MambaXray-VL's LM
     speed_studies: int = 32              # generation reports/s and peak memory: measured on this many test studies
     redo: list[str] = field(default_factory=list)   # systems to train and score again (their cached run is deleted)
     jobs: int = 0                        # worker processes (cxpmrg_lib.parallel); 0: one per core on cpu, 1 on cuda
@@ -117,11 +124,19 @@ class BenchConfig(StageConfig):
     earlier_epochs: float | None = None  # MambaXray-VL's earlier stages when they must be trained (smoke runs)
     checkpoint_every: int = 200
     projection_lr: float | None = PROJECTION_LR   # the frozen-LM systems' projection; None: the system's lr
+    # The stand-in for the ImageNet backbones the from-scratch systems' papers start from (stages.backbone):
+    # "labels" trains each such backbone to predict the training reports' findings first, "contrastive" with
+    # stage 2's image-report loss; "none": from scratch (the old protocol)
+    backbone_pretraining: str = "labels"
+    backbone_steps: int = 300
 
     preset_defaults = "stage3"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.backbone_pretraining not in BACKBONE_PRETRAINING:
+            raise ValueError(f"backbone_pretraining must be one of {BACKBONE_PRETRAINING}, "
+                             f"not {self.backbone_pretraining!r}")
         unknown = [s for s in list(self.systems or []) + list(self.redo) if s not in SYSTEMS]
         if unknown:
             raise ValueError(f"unknown system(s) {unknown}; known: {list(SYSTEMS)}")
@@ -136,13 +151,15 @@ class BenchConfig(StageConfig):
                 "test_studies": self.test_studies, "decoding": self.decoding(), "max_words": self.max_words,
                 "min_word_count": self.min_word_count, "lm_epochs": self.lm_epochs, "n_boot": self.n_boot,
                 "earlier_epochs": self.earlier_epochs,
-                **({"projection_lr": self.projection_lr} if self.projection_lr is not None else {})}
+                **({"projection_lr": self.projection_lr} if self.projection_lr is not None else {}),
+                **({"backbone": {"pretraining": self.backbone_pretraining, "steps": self.backbone_steps}}
+                   if self.backbone_pretraining != "none" else {})}
 
 
 # The smoke run of the book (tests): a few systems, a few steps; 04_benchmark and 06_explore share it.
 SMOKE_SYSTEMS = ["mambaxray-vl", "most-common", "transformer", "r2gen", "lm-gpt2"]
 SMOKE_BUDGET = dict(epochs=1, val_studies=8, test_studies=16, earlier_epochs=1, n_boot=100, speed_studies=4,
-                    lm_epochs=1)
+                    lm_epochs=1, backbone_steps=4)
 
 
 def _slugs(systems: str | list | None) -> list[str]:
@@ -151,7 +168,8 @@ def _slugs(systems: str | list | None) -> list[str]:
 
 def notebook_config(dataset_root: str, dataset_kind: str = "auto", loader: dict | None = None, preset: str = "tiny",
                     run_root: str = "runs", seed: int = 0, device: str = "cpu", systems: str | list | None = "",
-                    epochs: float = 0, lm_epochs: float = 2.0, smoke: bool = False, jobs: int = 0) -> BenchConfig:
+                    epochs: float = 0, lm_epochs: float = 0, smoke: bool = False, jobs: int = 0,
+                    backbone_pretraining: str = "labels") -> BenchConfig:
     """The benchmark of the notebooks' parameters (04_benchmark runs it, 06_explore reads the same folder).
     `systems`: comma-separated slugs or a list; empty: the default list (the smoke list in a smoke run)."""
     chosen = _slugs(systems)
@@ -159,7 +177,8 @@ def notebook_config(dataset_root: str, dataset_kind: str = "auto", loader: dict 
         chosen = list(SMOKE_SYSTEMS)
     budget = {"lm_epochs": lm_epochs, **({"epochs": epochs} if epochs else {}), **(SMOKE_BUDGET if smoke else {})}
     return BenchConfig(dataset_root=dataset_root, dataset_kind=dataset_kind, preset=preset, run_root=run_root,
-                       seed=seed, device=device, loader=loader or {}, systems=chosen or None, jobs=jobs, **budget)
+                       seed=seed, device=device, loader=loader or {}, systems=chosen or None, jobs=jobs,
+                       backbone_pretraining=backbone_pretraining, **budget)
 
 
 # The smoke run's systems on a second dataset (the iu-phantom of 04_benchmark).
@@ -399,13 +418,34 @@ def _zoo_model(name: str, vocab, config: BenchConfig, typical: int, image_size: 
     raise ValueError(f"no zoo model {name!r}")
 
 
+def _pretrain_backbone(backbone: torch.nn.Module, system: System, config: BenchConfig, data: _Data,
+                       run_dir: Path) -> tuple[float, str]:
+    """The protocol's backbone pre-training of a system whose image network starts from scratch
+    (BenchConfig.backbone_pretraining; stages.backbone): its seconds and a note for the row."""
+    if config.backbone_pretraining == "none":
+        return 0.0, "backbone from scratch"
+    from cxpmrg_lib.stages.backbone import pretrain_backbone
+    from cxpmrg_lib.presets import get_preset
+
+    kind = config.backbone_pretraining
+    record = pretrain_backbone(backbone, backbone, data.train, kind, steps=config.backbone_steps, seed=config.seed,
+                               text_config=get_preset(config.preset).text, work_dir=run_dir / "backbone_pretraining",
+                               desc=system.name)
+    write_json(run_dir / "backbone_pretraining.json", record)
+    what = "the training findings" if kind == "labels" else "stage 2's contrastive loss"
+    return record["seconds"], f"backbone first trained on {what} ({config.backbone_steps} steps)"
+
+
+
+
 def _run_zoo(system: System, config: BenchConfig, data: _Data, run_dir: Path) -> _Fitted:
     opts = dict(system.options)
     vocab, typical = _word_setup(config, data, run_dir)
     torch.manual_seed(config.seed)
     model = _zoo_model(opts["model"], vocab, config, typical, data.image_size)
-    return _fit(model, system, config, data, run_dir,
-                note=f"vocabulary {len(vocab)} words; peak lr {opts.get('lr')}")
+    seconds, backbone_note = _pretrain_backbone(model.visual, system, config, data, run_dir)
+    return _fit(model, system, config, data, run_dir, pretrain_s=seconds,
+                note=f"vocabulary {len(vocab)} words; peak lr {opts.get('lr')}; {backbone_note}")
 
 
 def encoder_spread(config: BenchConfig, slugs=("transformer", "r2gen", "r2gencmn")) -> pd.DataFrame:
@@ -439,24 +479,6 @@ def encoder_spread(config: BenchConfig, slugs=("transformer", "r2gen", "r2gencmn
     return pd.DataFrame(rows).set_index("system") if rows else pd.DataFrame()
 
 
-class _ViTTokens(torch.nn.Module):
-    """A PatchViT with the Vision Mamba interface ReportModel expects (`.tokens`, `.config.image_size`)."""
-
-    def __init__(self, image_size: int, dim: int):
-        super().__init__()
-        from types import SimpleNamespace
-
-        from cxpmrg_lib.models.zoo.common import PatchViT
-
-        self.vit = PatchViT(image_size, 16, dim, depth=4, heads=4)
-        self.config = SimpleNamespace(image_size=image_size, dim=dim)
-
-    def forward(self, x):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(tokens=self.vit(x))
-
-
 def _report_lm_call(config: BenchConfig, arch: str = "llama", epochs: float | None = None):
     """The report-LM run of an architecture, as a call (for llama at the earlier epochs, the same call as
     stages.report.prerequisites makes for MambaXray-VL)."""
@@ -465,6 +487,18 @@ def _report_lm_call(config: BenchConfig, arch: str = "llama", epochs: float | No
     from cxpmrg_lib.stages.report import ReportLMStageConfig, pretrain_report_lm
 
     return partial(pretrain_report_lm, ReportLMStageConfig(**config.shared(), epochs=epochs, arch=arch))
+
+
+def _lm_epochs(config: BenchConfig) -> float | None:
+    """Epochs of the LM swap's report LMs (and the CvT2DistilGPT2-style warm start): lm_epochs, or when 0 the
+    budget of MambaXray-VL's own LM, so that the swapped LMs are trained as long as the one they replace
+    (2 epochs, the old default, left them unable to read the image slot: every swap row at the floor)."""
+    return config.lm_epochs or config.earlier_epochs
+
+
+def _lm_budget(config: BenchConfig) -> str:
+    epochs = _lm_epochs(config)
+    return f"{epochs:g} epochs" if epochs else "as long as MambaXray-VL's LM"
 
 
 def _report_lm_dir(config: BenchConfig, arch: str = "llama", epochs: float | None = None) -> Path:
@@ -482,21 +516,26 @@ def _run_r2gengpt(system: System, config: BenchConfig, data: _Data, run_dir: Pat
     dim = get_preset(config.preset).encoder.dim
     head = VisualPrefixLM(lm, tokenizer, dim, typical_report_tokens=median_report_tokens(tokenizer, data.train.reports),
                           proj_lr_scale=_projection_scale(system, config))
-    model = ReportModel(_ViTTokens(data.image_size, dim), head)
-    return _fit(model, system, config, data, run_dir, pretrain_s=_elapsed(lm_dir.parent),
-                note="ViT trained from scratch (R2GenGPT starts from an ImageNet Swin); the frozen LM is "
+    from cxpmrg_lib.models.zoo.common import ConvTokenViT
+    from cxpmrg_lib.stages.backbone import TokenEncoder
+
+    model = ReportModel(TokenEncoder(ConvTokenViT(dim), dim, data.image_size), head)
+    seconds, backbone_note = _pretrain_backbone(model.encoder.backbone, system, config, data, run_dir)
+    return _fit(model, system, config, data, run_dir, pretrain_s=_elapsed(lm_dir.parent) + seconds,
+                note=f"conv-token ViT: {backbone_note} (R2GenGPT starts from an ImageNet Swin); the frozen LM is "
                      "MambaXray-VL's")
 
 
 def _run_cvt2gpt2(system: System, config: BenchConfig, data: _Data, run_dir: Path) -> _Fitted:
     from cxpmrg_lib.models.zoo.cvt2gpt2 import CvT2GPT2
 
-    lm_dir = _report_lm_dir(config, "gpt2", epochs=config.lm_epochs)     # the LM swap's GPT-2: the warm start
+    lm_dir = _report_lm_dir(config, "gpt2", epochs=_lm_epochs(config))     # the LM swap's GPT-2: the warm start
     torch.manual_seed(config.seed)
     model = CvT2GPT2(lm_dir, list(data.train.reports))
-    return _fit(model, system, config, data, run_dir, pretrain_s=_elapsed(lm_dir.parent),
-                note=f"decoder warm-started from the GPT-2 report LM ({config.lm_epochs:g} epochs) and trained; "
-                     "encoder from scratch (the original starts from ImageNet CvT-21 and DistilGPT2)")
+    seconds, backbone_note = _pretrain_backbone(model.encoder, system, config, data, run_dir)
+    return _fit(model, system, config, data, run_dir, pretrain_s=_elapsed(lm_dir.parent) + seconds,
+                note=f"decoder warm-started from the GPT-2 report LM ({_lm_budget(config)}) and trained; "
+                     f"encoder: {backbone_note} (the original starts from ImageNet CvT-21 and DistilGPT2)")
 
 
 def _pretrain_seconds(run_dir: Path) -> float:
@@ -530,7 +569,9 @@ def _mamba_config(system: System, config: BenchConfig):
                           batch_size=config.batch_size, lr=config.lr, init=dict(system.options)["init"],
                           val_studies=config.val_studies, test_studies=config.test_studies,
                           earlier_epochs=config.earlier_epochs, checkpoint_every=config.checkpoint_every,
-                          projection_lr=config.projection_lr, **config.decoding())
+                          projection_lr=config.projection_lr,
+                          encoder_pretraining=dict(system.options).get("encoder_pretraining", "none"),
+                          encoder_pretraining_steps=config.backbone_steps, **config.decoding())
 
 
 def _run_mamba(system: System, config: BenchConfig, data: _Data, run_dir: Path) -> _Fitted:
@@ -542,8 +583,11 @@ def _run_mamba(system: System, config: BenchConfig, data: _Data, run_dir: Path) 
         raise RuntimeError(f"{run}: its test predictions are not of this benchmark's test studies")
     model = load_report_model(run)
     trainable, total = _count(model)
+    step = json.loads((run / "encoder_pretraining.json").read_text()) if (run / "encoder_pretraining.json").exists() else {}
     return _Fitted(list(preds["prediction"]), model, _elapsed(run), trainable, total,
-                   pretrain_s=_pretrain_seconds(run), run_dir=str(run), note=f"stage-3 run {run.name}")
+                   pretrain_s=_pretrain_seconds(run) + step.get("seconds", 0.0), run_dir=str(run),
+                   note=f"stage-3 run {run.name}" + (f"; encoder first trained on the training findings "
+                                                     f"({step['steps']} steps)" if step else ""))
 
 
 class _PrefixOnFeatures(torch.nn.Module):
@@ -604,7 +648,7 @@ def _run_lm_swap(system: System, config: BenchConfig, data: _Data, run_dir: Path
     t_tokens = time.perf_counter()
     tokens = _stage2_tokens(config, data)
     t_tokens = time.perf_counter() - t_tokens
-    lm_dir = _report_lm_dir(config, arch, epochs=config.lm_epochs)
+    lm_dir = _report_lm_dir(config, arch, epochs=_lm_epochs(config))
     lm, tokenizer = load_report_lm(ReportLMConfig(pretrained=str(lm_dir)))
     torch.manual_seed(config.seed)
     head = VisualPrefixLM(lm, tokenizer, tokens["train"].shape[-1],
@@ -623,7 +667,7 @@ def _run_lm_swap(system: System, config: BenchConfig, data: _Data, run_dir: Path
     trainable, total = _count(model)
     return _Fitted(preds, model, _elapsed(run_dir) or time.perf_counter() - t0, trainable, total,
                    pretrain_s=_elapsed(lm_dir.parent) + t_tokens, run_dir=str(run_dir),
-                   note=f"{type(lm).__name__}, {config.lm_epochs:g} LM epochs; frozen stage-2 encoder")
+                   note=f"{type(lm).__name__}, LM trained {_lm_budget(config)}; frozen stage-2 encoder")
 
 
 _RUNNERS = {"most_common": _run_most_common, "nearest": _run_nearest, "zoo": _run_zoo, "r2gengpt": _run_r2gengpt,
@@ -746,7 +790,7 @@ def _earlier_runs(config: BenchConfig, slugs: list[str]) -> tuple[list, list[str
             add(_report_lm_call(config, epochs=config.earlier_epochs), "report LM (llama)")
         if kind in ("lm_swap", "cvt2gpt2"):
             arch = options.get("arch", "gpt2")
-            add(_report_lm_call(config, arch, epochs=config.lm_epochs), f"report LM ({arch})")
+            add(_report_lm_call(config, arch, epochs=_lm_epochs(config)), f"report LM ({arch})")
     return [c for c, _ in calls.values()], [label for _, label in calls.values()]
 
 
@@ -865,20 +909,63 @@ def pairwise_pvalues(out_dir: str | Path, metric: str = "ce_f1", n_boot: int = 1
     return table
 
 
-def report_diversity(out_dir: str | Path, results: pd.DataFrame | None = None) -> pd.DataFrame:
+def backbone_steps_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Per row whose image network took the backbone step (from its run folder): the objective, steps,
+    seconds and the loss at the first and the last step. For the label objective also the loss of
+    predicting each label's training rate whatever the image (the prior): a last loss near it means the
+    network learned little of the findings in its steps."""
+    rows = {}
+    for name, run_dir in zip(results["name"], results["run_dir"]):
+        if not isinstance(run_dir, str) or not run_dir:
+            continue
+        for file in ("backbone_pretraining.json", "encoder_pretraining.json"):
+            path = Path(run_dir) / file
+            if path.exists():
+                r = json.loads(path.read_text())
+                rates = np.clip(np.asarray(r.get("positive_rate") or [np.nan], dtype=float), 1e-6, 1 - 1e-6)
+                prior = float(np.mean(-(rates * np.log(rates) + (1 - rates) * np.log(1 - rates))))
+                rows[name] = {"objective": r["objective"], "steps": r["steps"], "seconds": r["seconds"],
+                              "first loss": r["first_loss"], "last loss": r["last_loss"],
+                              "prior loss": prior if r["objective"] == "labels" else np.nan}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def report_diversity(out_dir: str | Path, results: pd.DataFrame | None = None,
+                     finding_sets: bool = False) -> pd.DataFrame:
     """Per system: distinct test reports and the share of the most frequent one. A system that writes a
-    handful of reports for hundreds of studies has collapsed onto the report prior, whatever its BLEU."""
+    handful of reports for hundreds of studies has collapsed onto the report prior, whatever its BLEU.
+
+    `finding_sets=True` adds a first row for the references and a column "distinct finding sets": how
+    many different sets of positive observations the rule labeller reads in a system's reports. A
+    system that decodes deterministically writes about one wording per finding set, and the phantom's
+    wording is drawn at random apart from the findings, so the references' count of finding sets
+    bounds how many distinct reports even a system that gets every finding right would write."""
     from cxpmrg_lib.evaluate import read_predictions
 
     out_dir = Path(out_dir)
     results = read_results(out_dir) if results is None else results
     rows = {}
+
+    def add(name: str, reports: pd.Series) -> None:
+        counts = reports.value_counts()
+        rows[name] = {"distinct reports": int(len(counts)), "test studies": int(len(reports)),
+                      "most frequent share": float(counts.iloc[0] / len(reports)) if len(reports) else math.nan}
+        if finding_sets:
+            rows[name]["distinct finding sets"] = _finding_sets(list(reports))
+
     for slug, name in zip(results["system"], results["name"]):
-        preds = read_predictions(out_dir / "predictions" / f"{slug}.csv")["prediction"]
-        counts = preds.value_counts()
-        rows[name] = {"distinct reports": int(len(counts)), "test studies": int(len(preds)),
-                      "most frequent share": float(counts.iloc[0] / len(preds)) if len(preds) else math.nan}
+        preds = read_predictions(out_dir / "predictions" / f"{slug}.csv")
+        if finding_sets and not rows:
+            add("References", preds["reference"])
+        add(name, preds["prediction"])
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _finding_sets(reports: list[str]) -> int:
+    from cxpmrg_lib.labeler import label_reports
+
+    labels = label_reports(reports)
+    return int(len({tuple(labels.columns[row == 1]) for row in labels.to_numpy()}))
 
 
 def plain_summary(results: pd.DataFrame, pvalues: pd.DataFrame, diversity: pd.DataFrame,
@@ -899,10 +986,21 @@ def plain_summary(results: pd.DataFrame, pvalues: pd.DataFrame, diversity: pd.Da
                      f"({base:.3f}) by a paired test at p < {alpha}: {', '.join(above) or 'none'}.")
         if same:
             lines.append(f"- Not distinguishable from it, or below it: {', '.join(same)}.")
-    collapsed = diversity[(diversity["distinct reports"] <= 10) & (diversity.index != floor)]
+    collapsed = diversity[(diversity["distinct reports"] <= 10) & (diversity.index != floor)
+                          & (diversity.index != "References")]
     if len(collapsed):
         lines.append(f"- {len(collapsed)} systems wrote at most 10 distinct reports for "
                      f"{int(diversity['test studies'].max())} test studies (they fell back on the most likely "
                      f"report whatever the image): " + ", ".join(f"{n} ({int(r['distinct reports'])})"
                                                             for n, r in collapsed.iterrows()) + ".")
+    if "References" in diversity.index and "distinct finding sets" in diversity.columns:
+        ref = diversity.loc["References"]
+        systems = diversity.drop(index=["References", floor], errors="ignore")
+        best = systems["distinct finding sets"].idxmax() if len(systems) else None
+        lines.append(f"- The {int(ref['test studies'])} references state {int(ref['distinct finding sets'])} distinct "
+                     f"sets of findings ({ref['distinct finding sets'] / ref['test studies']:.0%} of the studies): a "
+                     "system that decodes deterministically writes about one wording per set, so that share bounds "
+                     "its distinct reports even when every finding is right."
+                     + (f" The most sets a system wrote: {best} ({int(systems.loc[best, 'distinct finding sets'])})."
+                        if best is not None else ""))
     return "\n".join(lines)

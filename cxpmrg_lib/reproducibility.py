@@ -322,7 +322,8 @@ def rerun_commands(run_dir: str | os.PathLike, fresh_run_root: str = "runs-rerun
     # cxpmrg finetune: only the flags the CLI has
     no_flag = {k: config.get(k) for k, default in (("val_studies", 64), ("earlier_epochs", None),
                                                    ("max_studies", None), ("max_images", 2),
-                                                   ("repetition_penalty", 2.0), ("no_repeat_ngram_size", 3))
+                                                   ("repetition_penalty", 2.0), ("no_repeat_ngram_size", 3),
+                                                   ("encoder_pretraining", "none"))
                if config.get(k, default) != default}
     if loader and loader != {"section": "findings", "split": "patient"}:
         no_flag["loader"] = loader

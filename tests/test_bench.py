@@ -1,14 +1,27 @@
 """The benchmark end to end on a small phantom: three systems, a few steps, one protocol."""
+import json
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
-from cxpmrg_lib.bench import SYSTEMS, BenchConfig, ranked_table, read_results, run_bench
+from cxpmrg_lib.bench import SYSTEMS, BenchConfig, backbone_steps_table, ranked_table, read_results, run_bench
 from cxpmrg_lib.data.phantom import write_phantom
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     return write_phantom(tmp_path_factory.mktemp("bench") / "phantom", studies=50, size=64, seed=7, workers=1)
+
+
+def test_backbone_pretraining_is_checked_and_part_of_the_protocol(phantom):
+    with pytest.raises(ValueError, match="backbone_pretraining must be one of"):
+        BenchConfig(dataset_root="x", backbone_pretraining="imagenet")
+    root = str(phantom)
+    labels = BenchConfig(dataset_root=root).protocol()
+    assert labels["backbone"] == {"pretraining": "labels", "steps": 300}
+    assert "backbone" not in BenchConfig(dataset_root=root, backbone_pretraining="none").protocol()   # the old one
+    assert BenchConfig(dataset_root=root, backbone_steps=10).protocol() != labels
 
 
 def test_unknown_system_is_refused():
@@ -23,7 +36,7 @@ def test_smoke_bench_four_systems(phantom, tmp_path):
     cfg = BenchConfig(dataset_root=str(phantom), run_root=str(tmp_path / "runs"), device="cpu", max_steps=2,
                       batch_size=4, val_studies=4, test_studies=6, earlier_epochs=0.1, n_boot=50, speed_studies=4,
                       systems=["most-common", "cvt2gpt2", "transformer", "mambaxray-vl"], num_beams=2,
-                      lm_epochs=0.2, jobs=2)
+                      lm_epochs=0.2, jobs=2, backbone_steps=3)
     out = run_bench(cfg)          # two worker processes; the cvt2gpt2 row's GPT-2 LM is an earlier-stage job
     table = read_results(out)
     # the reference first, then the registry's order
@@ -39,6 +52,15 @@ def test_smoke_bench_four_systems(phantom, tmp_path):
     assert ref.loc["mambaxray-vl", "total_m"] > ref.loc["mambaxray-vl", "trainable_m"]   # the frozen LM
     assert ref.loc["cvt2gpt2", "pretrain_min"] > 0          # its GPT-2 warm start is a report LM trained first
     assert ref.loc["cvt2gpt2", "trainable_m"] == ref.loc["cvt2gpt2", "total_m"]   # the whole decoder trains
+    # the from-scratch backbones were pre-trained first (the protocol's ImageNet stand-in), and it is counted
+    for slug in ("transformer", "cvt2gpt2"):
+        record = json.loads((Path(ref.loc[slug, "run_dir"]) / "backbone_pretraining.json").read_text())
+        assert record["objective"] == "labels" and record["steps"] == 3
+        assert "backbone first trained on the training findings" in ref.loc[slug, "note"]
+    assert ref.loc["transformer", "pretrain_min"] > 0
+    steps = backbone_steps_table(table)
+    assert set(steps.index) == set(ref.loc[["transformer", "cvt2gpt2"], "name"])
+    assert (steps["steps"] == 3).all() and (steps["prior loss"] > 0).all()
     for slug in ("most-common", "transformer", "mambaxray-vl", "cvt2gpt2"):
         preds = pd.read_csv(out / "predictions" / f"{slug}.csv")
         assert list(preds.columns) == ["study_id", "reference", "prediction"] and len(preds) == n
@@ -88,6 +110,16 @@ def test_diversity_and_plain_summary_name_the_collapsed_and_the_winners(tmp_path
     assert "1 of 2 systems beat the most common training report" in text
     assert "Not distinguishable from it, or below it: R2Gen" in text
     assert "R2Gen (2)" in text and "Nearest neighbour (stage-2 embedding) (4)" in text   # <= 10 distinct
+    refs = [["no acute cardiopulmonary process .", "small left pleural effusion .", "mild cardiomegaly .",
+             "there is a small left pleural effusion ."][i % 4] for i in range(40)]
+    for slug, reports in preds.items():    # four reference reports with three finding sets
+        pd.DataFrame({"study_id": range(40), "reference": refs, "prediction": reports}).to_csv(
+            tmp_path / "predictions" / f"{slug}.csv", index=False)
+    sets = report_diversity(tmp_path, results, finding_sets=True)
+    assert sets.index[0] == "References" and sets.loc["References", "distinct reports"] == 4
+    assert sets.loc["References", "distinct finding sets"] == 3
+    assert sets.loc["Most common report", "distinct finding sets"] == 1
+    assert "The 40 references state 3 distinct sets of findings (8% of the studies)" in plain_summary(results, p, sets)
     # the notebooks' config: the smoke list and budget, and a comma-separated list otherwise
     smoke = notebook_config("x", smoke=True)
     assert smoke.systems[0] == "mambaxray-vl" and smoke.test_studies == 16
@@ -104,6 +136,20 @@ def test_the_earlier_stage_wave_trains_each_shared_run_once():
     runs = sorted((c.func.__name__, getattr(c.args[0], "init", ""), getattr(c.args[0], "arch", ""),
                    str(c.args[0].epochs)) for c in calls)
     assert runs == [("pretrain_autoregressive", "", "", "None"), ("pretrain_contrastive", "random", "", "None"),
-                    ("pretrain_contrastive", "stage1", "", "None"), ("pretrain_report_lm", "", "gpt2", "2.0"),
-                    ("pretrain_report_lm", "", "llama", "2.0"), ("pretrain_report_lm", "", "llama", "None")]
+                    ("pretrain_contrastive", "stage1", "", "None"), ("pretrain_report_lm", "", "gpt2", "None"),
+                    ("pretrain_report_lm", "", "llama", "None")]     # the LM swap's Llama is MambaXray-VL's LM
     assert len(labels) == len(calls)
+    old, _ = _earlier_runs(notebook_config("/nowhere/phantom", lm_epochs=2.0), DEFAULT_SYSTEMS)
+    assert len(old) == len(calls) + 1                                 # the old setting: a 2-epoch Llama of its own
+
+
+@pytest.mark.slow
+def test_the_frozen_lm_baseline_trains_its_pretrained_backbone_and_keeps_its_best_weights(phantom, tmp_path):
+    """R2GenGPT-style: the conv-token ViT (wrapped for ReportModel) takes the backbone step, trains, and its best
+    checkpoint loads back by name (a backbone held under two names once broke that load)."""
+    cfg = BenchConfig(dataset_root=str(phantom), run_root=str(tmp_path / "runs"), device="cpu", max_steps=2,
+                      batch_size=4, val_studies=4, test_studies=4, earlier_epochs=0.1, n_boot=20, speed_studies=2,
+                      systems=["most-common", "r2gengpt"], num_beams=2, jobs=1, backbone_steps=2)
+    row = read_results(run_bench(cfg)).set_index("system").loc["r2gengpt"]
+    assert "conv-token ViT: backbone first trained on the training findings (2 steps)" in row["note"]
+    assert (Path(row["run_dir"]) / "best" / "model.safetensors").exists() and row["pretrain_min"] > 0

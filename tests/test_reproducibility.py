@@ -27,7 +27,8 @@ def _stage3_config(data, **kw):
             "loader": {"section": "findings", "split": "patient"}, "device": "cpu", "on_bad_image": "skip",
             "init": "stage2", "freeze_encoder": False, "lm_pretrained": None, "max_studies": None, "max_images": 2,
             "val_studies": 64, "test_studies": None, "num_beams": 3, "repetition_penalty": 2.0,
-            "no_repeat_ngram_size": 3, "earlier_epochs": None, "checkpoint_every": 200, "projection_lr": 3e-3, **kw}
+            "no_repeat_ngram_size": 3, "earlier_epochs": None, "checkpoint_every": 200, "projection_lr": 3e-3,
+            "encoder_pretraining": "none", "encoder_pretraining_steps": 300, **kw}
 
 
 def test_run_table_reads_every_run_and_says_what_is_missing(tmp_path):
@@ -89,5 +90,8 @@ def test_the_cxpmrg_rerun_command_rebuilds_the_recorded_config(tmp_path):
     cmds = repro.rerun_commands(smoke)
     assert cmds["smoke"] and cmds["cxpmrg"] is None and set(cmds["cxpmrg_missing"]) == {"earlier_epochs", "val_studies"}
     assert "-p smoke True" in cmds["papermill_reuse"] and "-p phantom_studies 60 -p phantom_size 96" in cmds["papermill_reuse"]
+    # the benchmark's matched row (the backbone step on MambaXray-VL's encoder) has no CLI flag either
+    matched = _run(tmp_path / "runs4", "finetune", "fff666", _stage3_config(tmp_path, encoder_pretraining="labels"), {})
+    assert set(repro.rerun_commands(matched)["cxpmrg_missing"]) == {"encoder_pretraining"}
     with pytest.raises(ValueError, match="not a stage-3"):
         repro.rerun_commands(_run(tmp_path / "runs3", "autoregressive", "eee555", {"seed": 0}, {}))

@@ -102,7 +102,7 @@ def test_transformer_cached_decoding_equals_full_recompute(monkeypatch):
 
     torch.manual_seed(0)
     vocab = WordVocab.build(["the heart is normal . no effusion . mild edema"] * 3, min_count=1)
-    m = TransformerReportModel(vocab, TransformerConfig(image_size=32, patch_size=16, d_model=32, encoder_layers=1,
+    m = TransformerReportModel(vocab, TransformerConfig(image_size=32, d_model=32, encoder_layers=1, visual_widths=(8, 16),
                                                         decoder_layers=2, heads=2, ff=64), max_tokens=12,
                                typical_tokens=6).eval()
     images = torch.randn(2, 2, 1, 32, 32)

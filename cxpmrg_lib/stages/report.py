@@ -154,6 +154,10 @@ class FinetuneConfig(StageConfig):
     earlier_epochs: float | None = None  # epochs for stages 1-2 and the LM when they must be trained (smoke runs)
     checkpoint_every: int = 200
     projection_lr: float | None = PROJECTION_LR   # peak lr of the projection into the LM; None: the model's lr
+    # Not the paper's: the benchmark's backbone pre-training (stages.backbone) applied to this encoder
+    # before stage 3 ("labels" | "contrastive"), for a row that holds the supervision equal; "none": the paper
+    encoder_pretraining: str = "none"
+    encoder_pretraining_steps: int = 300
 
     preset_defaults = "stage3"
 
@@ -161,6 +165,8 @@ class FinetuneConfig(StageConfig):
         super().__post_init__()
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, not {self.init!r}")
+        if self.encoder_pretraining not in ("none", "labels", "contrastive"):
+            raise ValueError(f"encoder_pretraining must be none, labels or contrastive, not {self.encoder_pretraining!r}")
 
 
 def _encoder_call(config: FinetuneConfig):
@@ -231,6 +237,8 @@ def finetune_report(config: FinetuneConfig) -> Path:
                "max_images": config.max_images, "val_studies": config.val_studies, "train": settings}
     if config.projection_lr is not None:      # None keeps the hash of runs made before the option
         payload["projection_lr"] = config.projection_lr
+    if config.encoder_pretraining != "none":
+        payload["encoder_pretraining"] = {"kind": config.encoder_pretraining, "steps": config.encoder_pretraining_steps}
     run_dir, finished = start_run(config, "finetune", payload, "stage 3")
     if finished:
         if read_summary(run_dir).get("test_config") != _test_config(config):
@@ -244,6 +252,8 @@ def finetune_report(config: FinetuneConfig) -> Path:
                                   config.loader, config.max_images, on_bad_image=config.on_bad_image)
     val, _ = load_studies(config.dataset_root, size, "val", config.dataset_kind, config.val_studies,
                                   config.loader, config.max_images, on_bad_image=config.on_bad_image)
+    if config.encoder_pretraining != "none":
+        _pretrain_encoder(encoder, studies, config, run_dir)
     lm, tokenizer = load_report_lm(ReportLMConfig(pretrained=str(lm_dir)))
     typical = median_report_tokens(tokenizer, [str(r) for r in table["report"]])
     # The projection's initialisation from the run's seed, not from whatever drew from the global
@@ -279,6 +289,18 @@ def finetune_report(config: FinetuneConfig) -> Path:
     summary.update(_test_predictions(model, config, run_dir))
     finish_run(run_dir, summary)
     return run_dir
+
+
+def _pretrain_encoder(encoder, studies, config: FinetuneConfig, run_dir: Path) -> None:
+    """The benchmark's backbone pre-training on this stage's encoder (FinetuneConfig.encoder_pretraining),
+    recorded in the run folder; its seconds count as the run's pre-training, not its training."""
+    from cxpmrg_lib.stages.backbone import pretrain_backbone
+
+    record = pretrain_backbone(encoder, lambda x: encoder(x).tokens, studies, config.encoder_pretraining,
+                               steps=config.encoder_pretraining_steps, seed=config.seed,
+                               text_config=get_preset(config.preset).text, work_dir=run_dir / "encoder_pretraining",
+                               desc="stage 3 encoder")
+    write_json(run_dir / "encoder_pretraining.json", record)
 
 
 def validation_every(settings: dict, n_studies: int, validations: int = VALIDATIONS) -> int:

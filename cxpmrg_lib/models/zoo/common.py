@@ -1,5 +1,5 @@
-"""What the benchmark's encoder-decoder systems share: a word vocabulary, beam search, two small
-visual extractors (a ResNet-style CNN and a ViT), view pooling and a base class.
+"""What the benchmark's encoder-decoder systems share: a word vocabulary, beam search, three small
+visual extractors (a ResNet-style CNN, a ViT and a convolutional-token ViT), view pooling and a base class.
 
 A zoo system is an nn.Module with the same two calls as MambaXray-VL's ReportModel, so the
 trainer, `generate_reports` and the benchmark treat every system alike:
@@ -28,8 +28,8 @@ from torch import nn
 
 from cxpmrg_lib.models.vision_mamba import sincos_pos_embed_2d, study_tokens
 
-__all__ = ["WordVocab", "beam_search", "sinusoid_positions", "SmallResNet", "PatchViT", "CaptionModel", "pool_views",
-           "count_parameters"]
+__all__ = ["WordVocab", "beam_search", "sinusoid_positions", "SmallResNet", "PatchViT", "ConvTokenViT", "CaptionModel",
+           "pool_views", "count_parameters"]
 
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|[.,;:?!]")
 
@@ -243,6 +243,24 @@ class PatchViT(nn.Module):
             x = x.mean(1, keepdim=True) if self.in_chans == 1 else x.expand(-1, self.in_chans, -1, -1)
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         return self.norm(self.blocks(x))
+
+
+class ConvTokenViT(nn.Module):
+    """Convolutional token embedding (a small ResNet: overlapping, strided convolutions) followed by
+    pre-norm transformer layers: the CvT idea at a few million parameters. The CvT2DistilGPT2-style
+    encoder, and the R2GenGPT-style one as the stand-in for its hierarchical Swin (a plain patch ViT
+    learned little of the findings in the benchmark's budget). Tokens (B, (S/16)^2, dim)."""
+
+    def __init__(self, dim: int, depth: int = 2, heads: int = 4, in_chans: int = 1):
+        super().__init__()
+        self.embed = SmallResNet(dim=dim, in_chans=in_chans)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.1, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(self.embed(x)))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

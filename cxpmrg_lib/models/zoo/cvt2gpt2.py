@@ -17,25 +17,9 @@ import torch
 from torch import nn
 
 from cxpmrg_lib.models.report_lm import lm_batch, median_report_tokens
-from cxpmrg_lib.models.zoo.common import SmallResNet, pool_views
+from cxpmrg_lib.models.zoo.common import ConvTokenViT, pool_views
 
 log = logging.getLogger(__name__)
-
-
-class ConvTokenViT(nn.Module):
-    """Convolutional token embedding (a small ResNet: overlapping, strided convolutions) followed by
-    pre-norm transformer layers: the CvT idea at a few million parameters. Tokens (B, (S/16)^2, dim)."""
-
-    def __init__(self, dim: int, depth: int = 2, heads: int = 4, in_chans: int = 1):
-        super().__init__()
-        self.embed = SmallResNet(dim=dim, in_chans=in_chans)
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.1, activation="gelu", batch_first=True,
-                                           norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.blocks(self.embed(x)))
 
 
 class CvT2GPT2(nn.Module):
