@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # generate
     gn = sub.add_parser("generate", help="write the report for one study's images with a trained stage-3 run")
-    gn.add_argument("--run", required=True, type=Path, help="a stage-3 run directory (runs/.../finetune/<hash>)")
+    gn.add_argument("--run", required=True, type=Path,
+                    help="a stage-3 run directory (runs/.../finetune/<hash>) or its shareable export/ folder, copied anywhere")
     gn.add_argument("images", nargs="+", type=Path, help="the study's image files (PNG/JPEG, any size)")
     gn.add_argument("--beams", type=int, default=None, help="beam size (default: the run's, 3 as in the paper)")
     gn.add_argument("--json", action="store_true", help="print a JSON object instead of the bare report")

@@ -1,4 +1,5 @@
-"""Write a report for a study from its image files: `ReportGenerator.from_pretrained(run_dir).generate(paths)`.
+"""Write a report for a study from its image files: `ReportGenerator.from_pretrained(folder).generate(paths)`,
+where folder is a stage-3 run or its shareable `export/` folder (model card, weights and LM; stages.export).
 
 Any PNG/JPEG of any size: each view is read as grey, resized to the model's input and
 normalised like the training data; a study's views are averaged as in training.
@@ -20,10 +21,15 @@ class ReportGenerator:
         self.model = model.eval()
 
     @classmethod
-    def from_pretrained(cls, run_dir: str | os.PathLike) -> "ReportGenerator":
+    def from_pretrained(cls, folder: str | os.PathLike, lm_dir: str | os.PathLike | None = None) -> "ReportGenerator":
+        """From a stage-3 run folder, or from its shareable export (`<run>/export/`, copied anywhere: it
+        needs no run tree; `lm_dir`: where a local pretrained LM that was not copied into it lies)."""
+        from cxpmrg_lib.stages.export import is_export, load_exported
         from cxpmrg_lib.stages.report import load_report_model
 
-        return cls(load_report_model(run_dir))
+        if is_export(folder):
+            return cls(load_exported(folder, lm_dir=lm_dir))
+        return cls(load_report_model(folder))
 
     def images_tensor(self, paths: Sequence[str | os.PathLike]) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, M, 1, S, S) views in [-1, 1] and their (1, M) mask; at most the model's max_images."""

@@ -106,3 +106,19 @@ def test_note_dropped_sums(caplog):
     note_dropped(df, {"x": 2})
     note_dropped(df, {"x": 1, "y": 0, "z": 3})
     assert df.attrs["dropped"] == {"x": 3, "z": 3}
+
+
+def test_note_dropped_says_each_drop_once(caplog, tmp_path, monkeypatch):
+    """Reloading the same file (each split, each stage) warns once; a new drop or file warns again."""
+    import logging
+    caplog.set_level(logging.DEBUG, logger="cxpmrg_lib.data.table")
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "sub" / "reports.csv"
+    for _ in range(3):
+        note_dropped(pd.DataFrame({"a": [1]}), {"empty report": 2}, source=str(src))
+    note_dropped(pd.DataFrame({"a": [1]}), {"empty report": 3}, source=str(src))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert warned == ["dropped 2 row(s) from sub/reports.csv: 2 empty report",
+                      "dropped 3 row(s) from sub/reports.csv: 3 empty report"]
+    assert len(debug) == 2

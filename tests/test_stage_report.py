@@ -1,5 +1,6 @@
 """Stage 3 end to end on a small phantom: report LM, fine-tuning, test predictions, `cxpmrg generate`."""
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -49,6 +50,24 @@ def test_finetune_report_smoke(phantom, tmp_path, capsys):
     junk.write_bytes(b"not an image")
     assert main(["generate", "--run", str(run), str(junk)]) == 2
     assert "cannot load image" in capsys.readouterr().err
+
+    # the shareable folder: hard links to the kept weights and the LM, a model card, and it loads alone
+    export = run / "export"
+    assert (export / "model.safetensors").stat().st_ino == (run / "best" / "model.safetensors").stat().st_ino
+    card = (export / "README.md").read_text()
+    for words in ("MambaXray-VL report generator", "random (ablation: no pre-training)", "| BLEU-4 |", "| CE F1 |",
+                  "3 test studies", "ReportGenerator.from_pretrained", "The frozen language model is in `lm/`",
+                  "same as this project (MIT)", "synthetic"):
+        assert words in card, words
+    moved = tmp_path / "shared" / "generator"
+    shutil.copytree(export, moved)
+    shutil.rmtree(runs)                                     # no run tree, no LM run: the folder is enough
+    assert ReportGenerator.from_pretrained(moved).generate([image], num_beams=1) == report
+    assert main(["generate", "--run", str(moved), str(image), "--json", "--beams", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["report"] == report
+    (moved / "lm" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="pass lm_dir="):
+        ReportGenerator.from_pretrained(moved)
 
 
 @pytest.mark.slow

@@ -53,10 +53,26 @@ def note_dropped(df: pd.DataFrame, counts: dict, source: str = "") -> pd.DataFra
     for k, v in counts.items():
         dropped[k] = dropped.get(k, 0) + v
     df.attrs["dropped"] = dropped
-    where = f" from {source}" if source else ""
-    log.warning("dropped %d row(s)%s: %s", sum(counts.values()), where,
-                ", ".join(f"{v} {k}" for k, v in counts.items()))
+    where = f" from {_shown(source)}" if source else ""
+    said = (str(source), tuple(sorted(counts.items())))
+    # Every reload of the same file drops the same rows (each split, each stage, each worker): said once
+    # per process, later repeats at debug level.
+    level = logging.DEBUG if said in _SAID else logging.WARNING
+    _SAID.add(said)
+    log.log(level, "dropped %d row(s)%s: %s", sum(counts.values()), where,
+            ", ".join(f"{v} {k}" for k, v in counts.items()))
     return df
+
+
+_SAID: set = set()
+
+
+def _shown(source) -> str:
+    """A source path as a message shows it: relative to the working folder when inside it."""
+    try:
+        return os.path.relpath(source) if not os.path.relpath(source).startswith("..") else str(source)
+    except (TypeError, ValueError):
+        return str(source)
 
 
 class RowProblems:

@@ -246,6 +246,9 @@ def finetune_report(config: FinetuneConfig) -> Path:
             summary = read_summary(run_dir)
             summary.update(_test_predictions(load_report_model(run_dir), config, run_dir))
             write_json(run_dir / "summary.json", summary)
+            _export(run_dir)
+        elif not (run_dir / "export").exists():       # a run finished before runs were exported
+            _export(run_dir)
         return run_dir
     size = encoder.config.image_size
     studies, table = load_studies(config.dataset_root, size, "train", config.dataset_kind, config.max_studies,
@@ -288,7 +291,18 @@ def finetune_report(config: FinetuneConfig) -> Path:
                "skipped_images": len(getattr(studies, "bad_images", [])) + len(getattr(val, "bad_images", []))}
     summary.update(_test_predictions(model, config, run_dir))
     finish_run(run_dir, summary)
+    _export(run_dir)
     return run_dir
+
+
+def _export(run_dir: Path) -> None:
+    """The run's shareable folder (stages.export); a failure to write it is said, not fatal to the run."""
+    from cxpmrg_lib.stages.export import export_generator
+
+    try:
+        export_generator(run_dir)
+    except OSError as e:
+        log.warning("%s: could not write its export/ folder (%s); export_generator(run_dir) writes it later", run_dir, e)
 
 
 def _pretrain_encoder(encoder, studies, config: FinetuneConfig, run_dir: Path) -> None:
