@@ -179,3 +179,29 @@ def test_merged_compiled_path_float32_full_blocks():
     torch.manual_seed(0)
     mixer = MambaMixer(32, d_state=16, directions=("", "_b", "_col", "_col_b"), grid=4)
     _assert_merged_equals_loop(mixer, torch.randn(3, 16, 32, requires_grad=True), (1e-4, 1e-5), (1e-3, 1e-5))
+
+
+def test_conv_stem_tokens_each_see_exactly_their_own_patch():
+    """The conv stem must keep stage 1's next-patch prediction leak-free: token k depends only on
+    patch k's pixels, and nothing of another study in the batch."""
+    enc = VisionMamba(EncoderConfig(image_size=64, patch_size=16, dim=32, depth=1, stem="conv"))
+    images = torch.randn(2, 1, 64, 64, requires_grad=True)
+    for k in (0, 5, 15):
+        images.grad = None
+        enc.embed(images)[0, k].sum().backward()
+        seen = images.grad[0, 0].abs() > 0
+        row, col = divmod(k, 4)
+        expected = torch.zeros(64, 64, dtype=torch.bool)
+        expected[row * 16:(row + 1) * 16, col * 16:(col + 1) * 16] = True
+        assert torch.equal(seen, expected)
+        assert images.grad[1].abs().sum() == 0
+    # the config round-trips (run folders rebuild encoders from to_dict) and an old config means "patch"
+    assert EncoderConfig(**enc.config.to_dict()).stem == "conv"
+    old = {k: v for k, v in EncoderConfig().to_dict().items() if k != "stem"}
+    assert isinstance(VisionMamba(EncoderConfig(**old)).patch_embed, torch.nn.Conv2d)
+
+
+@pytest.mark.parametrize("bad", [dict(stem="resnet"), dict(stem="conv", patch_size=6, image_size=36)])
+def test_bad_stem_is_refused(bad):
+    with pytest.raises(ValueError, match="stem"):
+        EncoderConfig(**bad)

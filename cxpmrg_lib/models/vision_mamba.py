@@ -27,6 +27,7 @@ __all__ = ["EncoderConfig", "VisionMamba", "MambaMixer", "EncoderOutput", "expan
 DIRECTIONS = {"1-way": ("",), "4-way": ("", "_b", "_col", "_col_b")}
 # Parameters each direction owns (in_proj and out_proj are shared by all directions).
 DIRECTION_PARAMS = ("conv1d", "x_proj", "dt_proj", "A_log", "D")
+STEMS = ("patch", "conv")
 
 
 @dataclass
@@ -43,12 +44,20 @@ class EncoderConfig:
     scan: str = "1-way"
     dt_rank: int | None = None       # None: ceil(dim / 16), as in mamba_ssm
     norm_eps: float = 1e-5
+    # "patch": one patch-size linear projection (Vision Mamba's, the paper's); "conv": a stack of
+    # non-overlapping convolutions (4x4, then 2x2 until one patch) with a per-location norm, whose
+    # tokens still each see exactly one patch, so stage 1's next-patch prediction stays leak-free.
+    stem: str = "patch"
 
     def __post_init__(self):
         if self.scan not in DIRECTIONS:
             raise ValueError(f"scan must be one of {sorted(DIRECTIONS)}, not {self.scan!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, not {self.stem!r}")
+        if self.stem == "conv" and (self.patch_size < 4 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"the conv stem needs a power-of-two patch_size of at least 4, not {self.patch_size}")
 
     @property
     def grid(self) -> int:
@@ -295,13 +304,41 @@ class MambaBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class _ChannelNorm(nn.Module):
+    """LayerNorm over channels at each location of a (B, C, H, W) map: nothing mixes across locations
+    or studies (a batch norm would share statistics with the patches stage 1 must predict)."""
+
+    def __init__(self, channels: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def conv_stem(in_chans: int, dim: int, patch: int, eps: float = 1e-5) -> nn.Sequential:
+    """Non-overlapping convolutions from pixels to one token per `patch` x `patch` patch: 4x4 stride 4,
+    then 2x2 stride 2 until the patch is covered, channels growing to `dim`, norm and GELU between."""
+    steps = [4] + [2] * int(math.log2(patch // 4))
+    widths = [max(dim // 2 ** (len(steps) - 1 - i), 8) for i in range(len(steps))]
+    layers: list[nn.Module] = []
+    cin = in_chans
+    for i, (k, w) in enumerate(zip(steps, widths)):
+        layers.append(nn.Conv2d(cin, w if i < len(steps) - 1 else dim, k, stride=k))
+        if i < len(steps) - 1:
+            layers += [_ChannelNorm(w, eps), nn.GELU()]
+        cin = w
+    return nn.Sequential(*layers)
+
+
 class VisionMamba(nn.Module):
     """Images (B, C, S, S) -> EncoderOutput. Grey input feeds an RGB encoder by repetition and vice versa."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.config = cfg
-        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = (nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+                            if cfg.stem == "patch" else conv_stem(cfg.in_chans, cfg.dim, cfg.patch_size, cfg.norm_eps))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.dim, cfg.grid)[None], persistent=False)
         self.blocks = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
