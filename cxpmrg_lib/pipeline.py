@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -62,9 +63,13 @@ def run_book(book_dir: str | os.PathLike = "book", params: dict | None = None, s
         base.setdefault("data_root", str(book_dir.parent / "runs" / "smoke" / "data"))
         base.setdefault("run_root", str(book_dir.parent / "runs" / "smoke"))
     else:
-        base.setdefault("data_root", str(REPO_ROOT / "data"))
-        base.setdefault("run_root", str(REPO_ROOT / "runs"))
+        # relative to the kernels' working folder (REPO_ROOT): the published pages show "runs", not a
+        # folder of the machine that built them
+        base.setdefault("data_root", "data")
+        base.setdefault("run_root", "runs")
     base.update(params or {})
+    # every path of this machine that may turn up in a page, and what the page shows instead
+    local = local_paths(book_dir, base)
 
     names = NOTEBOOKS if not only else [n for n in NOTEBOOKS if n in set(only)]
     unknown = set(only or []) - set(NOTEBOOKS)
@@ -80,7 +85,7 @@ def run_book(book_dir: str | os.PathLike = "book", params: dict | None = None, s
         dst = out_dir / f"{name}.ipynb"
         print(f"[{i}/{len(names)}] {name} ...", flush=True)
         t0 = time.perf_counter()
-        execute_notebook(src, dst, base)
+        execute_notebook(src, dst, base, local)
         dt = time.perf_counter() - t0
         print(f"[{i}/{len(names)}] {name} done in {_fmt(dt)}", flush=True)
         results.append(StepResult(name, dt, dst))
@@ -102,8 +107,11 @@ def run_book(book_dir: str | os.PathLike = "book", params: dict | None = None, s
     return results
 
 
-def execute_notebook(src: Path, dst: Path, params: dict) -> None:
-    """Run one notebook with the parameters it declares; raise NotebookFailed naming the cell."""
+def execute_notebook(src: Path, dst: Path, params: dict, local: dict[str, str] | None = None) -> None:
+    """Run one notebook with the parameters it declares; raise NotebookFailed naming the cell.
+
+    The executed copy is made ready to publish (`for_the_page`): the injected parameters cell folded
+    away like the notebook's own, and the paths in `local` (see `local_paths`) replaced."""
     import papermill as pm
 
     # papermill logs its input/output paths at INFO for every notebook: the pipeline's own
@@ -139,7 +147,66 @@ def execute_notebook(src: Path, dst: Path, params: dict) -> None:
             os.environ.pop("TQDM_DISABLE", None)
         else:
             os.environ["TQDM_DISABLE"] = saved
+    for_the_page(tmp, local if local is not None else local_paths(dst.parent.parent, params))
     os.replace(tmp, dst)
+
+
+def local_paths(book_dir: Path, params: dict) -> dict[str, str]:
+    """{absolute path of this machine: what a page shows instead}, longest first, so that a reader sees
+    `runs/x` for `<checkout>/runs/x`. The checkout and the book's parent folder become relative
+    paths; an absolute path parameter outside them (a dataset root elsewhere) shows its last part;
+    the Python installation and the home folder are named, not spelled out."""
+    book_dir = Path(book_dir).resolve()
+    roots = {REPO_ROOT: "", book_dir.parent: ""}
+    names: dict[str, str] = {}
+    for root, shown in roots.items():
+        names[str(root) + os.sep] = shown
+        names[str(root)] = shown or "."
+    for key, value in params.items():
+        if isinstance(value, str) and os.path.isabs(value) and not any(
+                value == str(r) or value.startswith(str(r) + os.sep) for r in roots):
+            names.setdefault(value.rstrip(os.sep), f"<{key}: {Path(value).name}>")
+    for prefix, shown in ((sys.prefix, "<python>"), (sys.base_prefix, "<python>"), (str(Path.home()), "~")):
+        if len(prefix) > 1:
+            names.setdefault(prefix, shown)
+    return dict(sorted(names.items(), key=lambda kv: -len(kv[0])))
+
+
+def for_the_page(notebook: Path, local: dict[str, str]) -> None:
+    """Rewrite an executed notebook in place for publishing: the papermill-injected parameters cell
+    gets `hide-input` (one click away, as the parameters cell itself), and every path of `local`
+    in a cell's source or text output is replaced by what a reader should see."""
+    import nbformat
+
+    # one pass, longest path first; a path not ending in a separator must end where a name ends
+    # (`/a/run` is not replaced inside `/a/runs`)
+    pattern = re.compile("|".join(re.escape(p) + ("" if p.endswith(os.sep) else r"(?![\w.-])") for p in local))
+
+    def clean(text: str) -> str:
+        return pattern.sub(lambda m: local[m.group(0)], text) if local else text
+
+    def clean_value(value):
+        if isinstance(value, str):
+            return clean(value)
+        if isinstance(value, list):
+            return [clean_value(v) for v in value]
+        return value
+
+    nb = nbformat.read(notebook, as_version=4)
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "injected-parameters" in tags and "hide-input" not in tags:
+            cell.metadata["tags"] = [*tags, "hide-input"]
+        cell.source = clean(cell.source)
+        for output in cell.get("outputs", []):
+            if "text" in output:
+                output["text"] = clean_value(output["text"])
+            if "traceback" in output:
+                output["traceback"] = clean_value(output["traceback"])
+            for mime, value in output.get("data", {}).items():
+                if mime.startswith("text/") or mime.endswith(("json", "+xml", "markdown")):
+                    output["data"][mime] = clean_value(value)
+    nbformat.write(nb, notebook)
 
 
 def _failing_cell(executed: Path) -> str:

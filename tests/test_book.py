@@ -91,6 +91,20 @@ def test_smoke_book_builds_with_data_chapter(smoke_book):
     assert set(times["steps"]) == set(NOTEBOOKS) | {"jupyter-book build"}
     # the data was written where asked, under names that encode its settings (reused next time)
     assert sorted(p.name for p in data_root.iterdir()) == ["iu-phantom_n120_96px_s0", "phantom_n60_96px_s0"]
+    # a page reads like a paper: stage logs in the run root's logs/, one line on the page; the injected
+    # parameters folded like every code cell; no path of this machine
+    for name in NOTEBOOKS:
+        nb = nbformat.read(book / "notebooks" / f"{name}.ipynb", as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all("hide-input" in c.metadata.get("tags", []) for c in code), name
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in code), name
+        streams = "".join(o.get("text", "") for c in code for o in c.get("outputs", []) if o.get("output_type") == "stream")
+        assert "INFO " not in streams, f"{name}: INFO log lines in the page"
+        assert str(smoke_book.root) not in nbformat.writes(nb), f"{name}: a path of the building machine"
+        assert (results / "logs" / f"{name}.log").exists(), name
+    page = (html / "notebooks" / "04_benchmark.html").read_text()
+    assert re.search(r"log: \d+ lines, (no warnings|\d+ warnings?)[^;]*; full log in logs/04_benchmark.log", page)
+    assert "INFO cxpmrg_lib" not in page
 
 
 def test_failing_notebook_stops_the_run_and_names_the_cell(tmp_path):
@@ -128,3 +142,71 @@ def test_every_notebook_has_the_common_parameters_with_the_same_defaults():
         declared = pm.inspect_notebook(str(REPO_ROOT / "notebooks" / f"{name}.ipynb"))
         got = {k: declared[k]["default"] for k in common if k in declared}
         assert got == common, f"{name}: {set(common.items()) ^ set(got.items())}"
+
+
+def test_a_page_shows_no_path_of_the_machine_that_built_it(tmp_path):
+    from cxpmrg_lib.pipeline import REPO_ROOT, for_the_page, local_paths
+
+    local = local_paths(tmp_path / "book", {"data_root": str(tmp_path / "data"), "run_root": "runs",
+                                            "dataset_root": "/mnt/cxr/chexpertplus"})
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f'data_root = "{tmp_path}/data"\ndataset_root = "/mnt/cxr/chexpertplus"',
+                                          metadata={"tags": ["injected-parameters"]}),
+                nbformat.v4.new_code_cell("print(run_dir)", metadata={"tags": ["hide-input"]})]
+    nb.cells[1].outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text=f"{REPO_ROOT}/runs/phantom/finetune/abc\n"),
+        nbformat.v4.new_output("execute_result", data={"text/plain": f"PosixPath('{tmp_path}/runs')",
+                                                       "text/html": f"<td>{REPO_ROOT}</td><td>{REPO_ROOT}x/y</td>"})]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    for_the_page(path, local)
+    got = nbformat.read(path, as_version=4)
+    assert got.cells[0].source == 'data_root = "data"\ndataset_root = "<dataset_root: chexpertplus>"'
+    assert got.cells[0].metadata["tags"] == ["injected-parameters", "hide-input"]
+    out = got.cells[1].outputs
+    assert out[0]["text"] == "runs/phantom/finetune/abc\n"
+    assert out[1]["data"]["text/plain"] == "PosixPath('runs')"
+    # a folder whose name only starts like the checkout's is another folder
+    assert out[1]["data"]["text/html"] == f"<td>.</td><td>{REPO_ROOT}x/y</td>"
+
+
+def test_a_chapter_logs_to_its_file_and_shows_warnings_and_one_line(tmp_path, monkeypatch, capsys):
+    import logging
+
+    from cxpmrg_lib import chapter_log
+
+    monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        log = chapter_log.start("04_benchmark", "runs")
+        logging.getLogger("cxpmrg_lib.bench").info("fitting r2gen in /somewhere/runs/x")
+        logging.getLogger("cxpmrg_lib.bench").warning("row 7 dropped")
+        assert log.summary() == ("log: 2 lines, 1 warning (shown above); full log in "
+                                 "runs/logs/04_benchmark.log")
+        assert log.summary() == "log: 0 lines, no warnings; full log in runs/logs/04_benchmark.log"
+        again = chapter_log.start("04_benchmark", "runs")     # a re-run cell: handlers replaced, file rewritten
+        logging.getLogger("x").info("second run")
+        assert again.summary().startswith("log: 1 line, no warnings")
+        assert len([h for h in root.handlers if isinstance(h, logging.FileHandler)]) == 1
+    finally:
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+            h.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    err = capsys.readouterr().err
+    assert "WARNING cxpmrg_lib.bench: row 7 dropped" in err and "fitting r2gen" not in err
+    text = (tmp_path / "runs" / "logs" / "04_benchmark.log").read_text()
+    assert "second run" in text and "fitting r2gen" not in text       # rewritten at each execution
+
+
+def test_every_code_cell_is_folded_and_logs_to_the_run_root():
+    from cxpmrg_lib.pipeline import REPO_ROOT
+
+    for name in NOTEBOOKS:
+        nb = nbformat.read(REPO_ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all("hide-input" in c.metadata.get("tags", []) for c in code), name
+        assert f'chapter_log.start("{name}", run_root)' in code[1].source, name
+        assert "basicConfig" not in nbformat.writes(nb), name

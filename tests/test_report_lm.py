@@ -158,6 +158,21 @@ def test_load_report_lm_local_pretrained_and_lora_error(tok, tmp_path):
             load_report_lm(ReportLMConfig(hidden_size=64, num_layers=1, num_heads=4, lora_rank=4), tok)
 
 
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_every_lm_names_its_loss_so_transformers_does_not_warn(arch, tok, tmp_path, caplog):
+    lm = build_report_lm(ReportLMConfig(arch=arch, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok)
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    loaded, _ = load_report_lm(ReportLMConfig(pretrained=str(tmp_path / "lm")))
+    ids = torch.tensor([tok(REPORTS[0])["input_ids"]])
+    with caplog.at_level("WARNING"):
+        for model in (lm, loaded):
+            assert model.loss_type == "ForCausalLM"
+            assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+    assert "loss_type" not in caplog.text
+
+
 # ----------------------------------------------------------------------------- the visual-prefix head
 
 def test_label_mask_exact_positions_paper_prompt(tok):

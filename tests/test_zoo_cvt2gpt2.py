@@ -50,3 +50,26 @@ def test_warm_start_keeps_the_lm_and_adds_cross_attention_that_learns(tmp_path):
     model.train()
     model.generate(images[:1], mask[:1], num_beams=1, max_new_tokens=3)
     assert model.training
+
+
+
+def test_the_warm_start_load_is_quiet(tmp_path):
+    """The new cross-attention is by design: no transformers warning block (newly initialized weights,
+    layers 'not sharded', an unrecognised loss type) is logged by a load and a loss."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    lm_dir, _ = _gpt2_dir(tmp_path)
+    records: list[str] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    library = hf_logging._get_library_root_logger()     # transformers' loggers do not propagate to the root
+    library.addHandler(handler)
+    try:
+        model = CvT2GPT2(lm_dir, REPORTS)
+        model(torch.rand(2, 1, 1, 64, 64), torch.ones(2, 1, dtype=torch.bool), REPORTS[:2])["loss"].item()
+    finally:
+        library.removeHandler(handler)
+    for noise in ("not sharded", "newly initialized", "TRAIN this model", "loss_type"):
+        assert not [r for r in records if noise in r], records

@@ -203,7 +203,15 @@ def build_report_lm(config: ReportLMConfig, tokenizer: PreTrainedTokenizerBase) 
         torch.manual_seed(config.seed)
         if config.arch == "llama":
             return LlamaForCausalLM(arch)
-        return AutoModelForCausalLM.from_config(arch)
+        return with_causal_lm_loss(AutoModelForCausalLM.from_config(arch))
+
+
+def with_causal_lm_loss(lm: PreTrainedModel) -> PreTrainedModel:
+    """Name the causal-LM loss on an LM whose class name does not (GPT2LMHeadModel): transformers would
+    warn at every loss that `loss_type=None` is unrecognised, then use that same loss."""
+    if getattr(lm, "loss_type", None) is None:
+        lm.loss_type = "ForCausalLM"
+    return lm
 
 
 def load_report_lm(config: ReportLMConfig, tokenizer: PreTrainedTokenizerBase | None = None
@@ -219,7 +227,7 @@ def load_report_lm(config: ReportLMConfig, tokenizer: PreTrainedTokenizerBase | 
         if not path.is_dir():
             raise FileNotFoundError(f"pretrained LM folder {path} does not exist (nothing is downloaded)")
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=config.dtype)
+        lm = with_causal_lm_loss(AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=config.dtype))
     else:
         if tokenizer is None:
             raise ValueError("a fresh report LM needs a tokenizer (train_bpe_tokenizer)")

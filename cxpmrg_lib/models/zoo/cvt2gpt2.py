@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cxpmrg_lib.models.report_lm import lm_batch, median_report_tokens
+from cxpmrg_lib.models.report_lm import lm_batch, median_report_tokens, with_causal_lm_loss
 from cxpmrg_lib.models.zoo.common import ConvTokenViT, pool_views
 
 log = logging.getLogger(__name__)
@@ -33,17 +33,20 @@ class CvT2GPT2(nn.Module):
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(lm_dir))
         # the cross-attention layers are new by design: transformers' block listing each of them as "newly
-        # initialized ... You should probably TRAIN this model" is silenced for this one load, and said once here
-        modeling_log = hf_logging.get_logger("transformers.modeling_utils")
-        level = modeling_log.level
-        modeling_log.setLevel(hf_logging.ERROR)
+        # initialized ... You should probably TRAIN this model" is silenced for this one load, and said once here.
+        # (A quiet modeling_utils makes transformers check the tensor-parallel plan, which then lists every layer
+        # as "not sharded": nothing is sharded on purpose, so that logger is quiet for the load too.)
+        loggers = [hf_logging.get_logger(name) for name in ("transformers.modeling_utils",
+                                                            "transformers.integrations.tensor_parallel")]
+        levels = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.setLevel(hf_logging.ERROR)
         try:
             self.decoder = GPT2LMHeadModel.from_pretrained(str(lm_dir), add_cross_attention=True)
         finally:
-            modeling_log.setLevel(level)
-        # GPT2LMHeadModel's class name names no loss type, so transformers warns that loss_type=None is
-        # unrecognised and falls back to the causal-LM loss: say that loss outright
-        self.decoder.loss_type = "ForCausalLM"
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+        with_causal_lm_loss(self.decoder)
         log.info("CvT2DistilGPT2-style: GPT-2 decoder from %s; its %d cross-attention layers start at random "
                  "(trained with the rest)", lm_dir, self.decoder.config.n_layer)
         config = self.decoder.config
