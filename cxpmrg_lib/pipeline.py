@@ -175,7 +175,7 @@ def local_paths(book_dir: Path, params: dict) -> dict[str, str]:
 def for_the_page(notebook: Path, local: dict[str, str]) -> None:
     """Rewrite an executed notebook in place for publishing: the papermill-injected parameters cell
     gets `hide-input` (one click away, as the parameters cell itself), and every path of `local`
-    in a cell's source or text output is replaced by what a reader should see."""
+    in the notebook's metadata, a cell's source or a text output is replaced by what a reader should see."""
     import nbformat
 
     # one pass, longest path first; a path not ending in a separator must end where a name ends
@@ -190,9 +190,12 @@ def for_the_page(notebook: Path, local: dict[str, str]) -> None:
             return clean(value)
         if isinstance(value, list):
             return [clean_value(v) for v in value]
+        if isinstance(value, dict):
+            return {k: clean_value(v) for k, v in value.items()}
         return value
 
     nb = nbformat.read(notebook, as_version=4)
+    nb.metadata = nbformat.from_dict(clean_value(nb.metadata))     # papermill's record: paths and parameters
     for cell in nb.cells:
         tags = cell.get("metadata", {}).get("tags", [])
         if "injected-parameters" in tags and "hide-input" not in tags:

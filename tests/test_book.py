@@ -102,6 +102,10 @@ def test_smoke_book_builds_with_data_chapter(smoke_book):
         assert "INFO " not in streams, f"{name}: INFO log lines in the page"
         assert str(smoke_book.root) not in nbformat.writes(nb), f"{name}: a path of the building machine"
         assert (results / "logs" / f"{name}.log").exists(), name
+    # nor in any file of the built site (the notebooks' sources are published beside the pages)
+    leaked = [str(f.relative_to(html)) for f in html.rglob("*") if f.suffix in (".html", ".ipynb", ".txt", ".md")
+              and str(smoke_book.root) in f.read_text(errors="replace")]
+    assert not leaked, f"a path of the building machine in {leaked}"
     page = (html / "notebooks" / "04_benchmark.html").read_text()
     assert re.search(r"log: \d+ lines, (no warnings|\d+ warnings?)[^;]*; full log in logs/04_benchmark.log", page)
     assert "INFO cxpmrg_lib" not in page
@@ -150,6 +154,8 @@ def test_a_page_shows_no_path_of_the_machine_that_built_it(tmp_path):
     local = local_paths(tmp_path / "book", {"data_root": str(tmp_path / "data"), "run_root": "runs",
                                             "dataset_root": "/mnt/cxr/chexpertplus"})
     nb = nbformat.v4.new_notebook()
+    nb.metadata["papermill"] = {"input_path": f"{REPO_ROOT}/notebooks/00_data.ipynb",
+                                "parameters": {"data_root": f"{tmp_path}/data", "seed": 0}}
     nb.cells = [nbformat.v4.new_code_cell(f'data_root = "{tmp_path}/data"\ndataset_root = "/mnt/cxr/chexpertplus"',
                                           metadata={"tags": ["injected-parameters"]}),
                 nbformat.v4.new_code_cell("print(run_dir)", metadata={"tags": ["hide-input"]})]
@@ -161,6 +167,8 @@ def test_a_page_shows_no_path_of_the_machine_that_built_it(tmp_path):
     nbformat.write(nb, path)
     for_the_page(path, local)
     got = nbformat.read(path, as_version=4)
+    assert got.metadata["papermill"] == {"input_path": "notebooks/00_data.ipynb",
+                                         "parameters": {"data_root": "data", "seed": 0}}
     assert got.cells[0].source == 'data_root = "data"\ndataset_root = "<dataset_root: chexpertplus>"'
     assert got.cells[0].metadata["tags"] == ["injected-parameters", "hide-input"]
     out = got.cells[1].outputs
