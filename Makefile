@@ -26,7 +26,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@echo "venv: pip, torch, cxpmrg_lib[dev], torchxrayvision (versions of $(CONSTRAINTS))"
 	@$(PIP) install --quiet --upgrade pip $(PIPQ)
 	@$(PIP) install --quiet -c $(CONSTRAINTS) torch $(PIPQ)
-	@$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev]' $(PIPQ)
+	@# setuptools warns at every editable build that a folder named like the package may shadow it: this
+	@# checkout is that folder, on purpose (that one warning, by its text)
+	@PYTHONWARNINGS="ignore:Editable installation" $(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev]' $(PIPQ)
 	@# torchxrayvision (the `iu` extra) carries the real IU X-Ray reports (NLMCXR_reports.tgz) as package
 	@# data; --no-deps because its torchvision dependency does not import beside the CPU torch
 	@$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) torchxrayvision $(PIPQ)
