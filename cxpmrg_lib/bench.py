@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 import yaml
 
-from cxpmrg_lib.fileio import atomic_path, write_json
+from cxpmrg_lib.util.fileio import atomic_path, write_json
 from cxpmrg_lib.presets import PROJECTION_LR
 from cxpmrg_lib.stages.common import StageConfig, config_hash, resolve_device
 
@@ -119,7 +119,7 @@ class BenchConfig(StageConfig):
     lm_epochs: float = 0                 # the LM swap: epochs of each fresh LM; 0: the budget of MambaXray-VL's LM
     speed_studies: int = 32              # generation reports/s and peak memory: measured on this many test studies
     redo: list[str] = field(default_factory=list)   # systems to train and score again (their cached run is deleted)
-    jobs: int = 0                        # worker processes (cxpmrg_lib.parallel); 0: one per core on cpu, 1 on cuda
+    jobs: int = 0                        # worker processes (cxpmrg_lib.util.parallel); 0: one per core on cpu, 1 on cuda
     n_boot: int = 1000
     earlier_epochs: float | None = None  # MambaXray-VL's earlier stages when they must be trained (smoke runs)
     checkpoint_every: int = 200
@@ -228,7 +228,7 @@ class _Data:
 
 def _load_data(config: BenchConfig) -> _Data:
     from cxpmrg_lib.presets import get_preset
-    from cxpmrg_lib.stage_data import load_studies
+    from cxpmrg_lib.stages.studies import load_studies
 
     size = get_preset(config.preset).encoder.image_size
     common = dict(kind=config.dataset_kind, loader=config.loader, on_bad_image=config.on_bad_image)
@@ -453,7 +453,7 @@ def encoder_spread(config: BenchConfig, slugs=("transformer", "r2gen", "r2gencmn
     between-study spread and mean cosine of its pooled image memory on the validation studies, trained
     (the row's kept weights) and at its initialisation: a collapse with features that do differ is the
     decoder ignoring them, not an encoder (or mask) bug that hands it one input for every image."""
-    from cxpmrg_lib.diagnostics import feature_spread
+    from cxpmrg_lib.chapters.diagnostics import feature_spread
     from cxpmrg_lib.models.zoo.common import WordVocab
     from cxpmrg_lib.trainer import load_weights
 
@@ -678,7 +678,7 @@ _RUNNERS = {"most_common": _run_most_common, "nearest": _run_nearest, "zoo": _ru
 
 def _speed(fitted: _Fitted, system: System, config: BenchConfig, data: _Data) -> dict:
     """Generation reports/s and peak extra memory on the first `speed_studies` test studies."""
-    from cxpmrg_lib.perf_report import PeakMemory
+    from cxpmrg_lib.perf.report import PeakMemory
 
     n = min(config.speed_studies, len(data.test))
     if fitted.model is None:                # a constant report: nothing to run
@@ -697,7 +697,7 @@ def _speed(fitted: _Fitted, system: System, config: BenchConfig, data: _Data) ->
 
 
 def _score(pred_path: Path, reference_path: Path | None, config: BenchConfig) -> dict:
-    from cxpmrg_lib.evaluate import evaluate_file
+    from cxpmrg_lib.metrics.evaluate import evaluate_file
 
     against = reference_path if reference_path is not None and reference_path != pred_path else None
     result = evaluate_file(pred_path, against=against, n_boot=config.n_boot, seed=config.seed)
@@ -797,11 +797,11 @@ def _earlier_runs(config: BenchConfig, slugs: list[str]) -> tuple[list, list[str
 def run_bench(config: BenchConfig) -> Path:
     """Run every asked-for system not yet in results.csv under this protocol; returns the bench folder.
 
-    Systems train side by side in `config.jobs` worker processes (see cxpmrg_lib.parallel); each
+    Systems train side by side in `config.jobs` worker processes (see cxpmrg_lib.util.parallel); each
     row is scored here and appended to results.csv as soon as it and the reference are done."""
     from functools import partial
 
-    from cxpmrg_lib.parallel import Workers, call
+    from cxpmrg_lib.util.parallel import Workers, call
 
     slugs = list(config.systems or DEFAULT_SYSTEMS)
     out = bench_dir(config)
@@ -888,7 +888,7 @@ def per_label_f1(out_dir: str | Path, results: pd.DataFrame | None = None) -> pd
 def pairwise_pvalues(out_dir: str | Path, metric: str = "ce_f1", n_boot: int = 1000, seed: int = 0,
                      results: pd.DataFrame | None = None) -> pd.DataFrame:
     """Two-sided paired bootstrap p-values of `metric` between every pair of systems (same test studies)."""
-    from cxpmrg_lib.evaluate import read_predictions
+    from cxpmrg_lib.metrics.evaluate import read_predictions
     from cxpmrg_lib.metrics import compare_stats, study_stats
 
     out_dir = Path(out_dir)
@@ -940,7 +940,7 @@ def report_diversity(out_dir: str | Path, results: pd.DataFrame | None = None,
     system that decodes deterministically writes about one wording per finding set, and the phantom's
     wording is drawn at random apart from the findings, so the references' count of finding sets
     bounds how many distinct reports even a system that gets every finding right would write."""
-    from cxpmrg_lib.evaluate import read_predictions
+    from cxpmrg_lib.metrics.evaluate import read_predictions
 
     out_dir = Path(out_dir)
     results = read_results(out_dir) if results is None else results
@@ -962,7 +962,7 @@ def report_diversity(out_dir: str | Path, results: pd.DataFrame | None = None,
 
 
 def _finding_sets(reports: list[str]) -> int:
-    from cxpmrg_lib.labeler import label_reports
+    from cxpmrg_lib.labels.labeler import label_reports
 
     labels = label_reports(reports)
     return int(len({tuple(labels.columns[row == 1]) for row in labels.to_numpy()}))

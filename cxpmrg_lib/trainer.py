@@ -43,9 +43,9 @@ import torch.distributed as dist
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object, send_to_device, set_seed
 from safetensors.torch import load_model, save_model
-from cxpmrg_lib.progress import tqdm
+from cxpmrg_lib.util.progress import tqdm
 
-from cxpmrg_lib.fileio import atomic_dir, atomic_path, write_json, write_text
+from cxpmrg_lib.util.fileio import atomic_dir, atomic_path, write_json, write_text
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "train", "load_weights", "save_weights",
            "read_metrics", "latest_checkpoint", "optimizer_param_groups", "build_optimizer", "adamw", "lr_factor",

@@ -75,7 +75,7 @@ def test_smoke_bench_four_systems(phantom, tmp_path):
     shown = ranked_table(table)
     assert shown.shape == (4, 7) and sum("<b>" in c for c in shown["bleu4"]) >= 1
     # the diagnostics read every trained row's validation records back from its run folder
-    from cxpmrg_lib import diagnostics
+    from cxpmrg_lib.chapters import diagnostics
     from cxpmrg_lib.bench import encoder_spread
 
     curves = diagnostics.validation_curves(dict(zip(table["name"], table["run_dir"])))

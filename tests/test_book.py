@@ -5,7 +5,7 @@ import re
 import nbformat
 import pytest
 
-from cxpmrg_lib.pipeline import NOTEBOOKS, NotebookFailed, run_book
+from cxpmrg_lib.chapters.pipeline import NOTEBOOKS, NotebookFailed, run_book
 
 
 @pytest.mark.slow
@@ -118,7 +118,7 @@ def test_every_notebook_has_the_common_parameters_with_the_same_defaults():
     import papermill as pm
 
     from cxpmrg_lib.data.prepare import DEFAULT_PHANTOM_SIZE, DEFAULT_PHANTOM_STUDIES
-    from cxpmrg_lib.pipeline import REPO_ROOT
+    from cxpmrg_lib.chapters.pipeline import REPO_ROOT
 
     common = {"data_root": '"data"', "dataset_root": '""', "dataset_kind": '"auto"', "section": '"findings"',
               "split": '"patient"', "phantom_studies": str(DEFAULT_PHANTOM_STUDIES),

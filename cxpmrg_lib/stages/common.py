@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from cxpmrg_lib import runlock
-from cxpmrg_lib.errors import RunError
-from cxpmrg_lib.fileio import write_json, write_text
+from cxpmrg_lib.util import runlock
+from cxpmrg_lib.util.errors import RunError
+from cxpmrg_lib.util.fileio import write_json, write_text
 from cxpmrg_lib.models.ssm import take_scan_impls
 from cxpmrg_lib.presets import get_preset
-from cxpmrg_lib.stage_data import DEFAULT_LOADER
+from cxpmrg_lib.stages.studies import DEFAULT_LOADER
 
 log = logging.getLogger(__name__)
 

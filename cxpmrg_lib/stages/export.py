@@ -25,7 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
-from cxpmrg_lib.fileio import atomic_dir
+from cxpmrg_lib.util.fileio import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _project_lm(lm_dir: Path) -> bool:
 
 def _data_facts(dataset_root: str, dataset_kind: str) -> dict:
     # The dataset's name and licence; the publishing rules own those facts (publish.py reads only data/).
-    from cxpmrg_lib.publish import policy
+    from cxpmrg_lib.chapters.publish import policy
 
     pol = policy(dataset_root, dataset_kind)
     return {"name": pol.name, "licence": pol.licence, "redistributable": pol.redistributable,
@@ -110,7 +110,7 @@ def model_card(config: dict, summary: dict, run_config: dict, data: dict, lm_inc
               "## How to load",
               "",
               "```python",
-              "from cxpmrg_lib.generate import ReportGenerator",
+              "from cxpmrg_lib.stages.generate import ReportGenerator",
               "generator = ReportGenerator.from_pretrained(\"path/to/this/folder\")     # offline, CPU",
               "print(generator.generate([\"frontal.png\", \"lateral.png\"]))",
               "```",
