@@ -20,9 +20,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import yaml
 
-from cxpmrg_lib.util.fileio import read_json_if_exists
+from cxpmrg_lib.runs import (dataset_dir, is_finished, read_config, read_summary, read_train_summary,
+                             train_seconds)
 
 log = logging.getLogger(__name__)
 
@@ -345,19 +345,6 @@ def side_by_side_table(result: dict) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- (3) stage wall times
 
-def _dataset_dir(run_root, dataset_root, preset: str) -> Path:
-    """Where the stages of this dataset and preset keep their runs (stages.common.run_dir_for's layout)."""
-    return Path(run_root) / (Path(dataset_root).resolve().name or "dataset") / preset
-
-
-
-def _train_seconds(run_dir: Path) -> float:
-    """The last elapsed_s of metrics.jsonl: the training loop's time, resumes included."""
-    from cxpmrg_lib.trainer import read_metrics
-
-    return max((float(r["elapsed_s"]) for r in read_metrics(run_dir) if "elapsed_s" in r), default=math.nan)
-
-
 def _variant(stage: str, cfg: dict) -> str:
     config, resolved = cfg.get("config") or {}, cfg.get("resolved") or {}
     if stage in ("contrastive", "finetune"):
@@ -382,7 +369,7 @@ def collect_stage_times(run_root: str | os.PathLike, dataset_root: str | os.Path
     peak_mib: the peak resident memory recorded by the trainer (train_summary.json `peak_rss_mib`),
     NaN for runs that did not record it.
     """
-    base = _dataset_dir(run_root, dataset_root, preset)
+    base = dataset_dir(run_root, dataset_root, preset)
     rows = []
     for stage, stage_name in STAGES.items():
         folder = base / stage
@@ -390,19 +377,16 @@ def collect_stage_times(run_root: str | os.PathLike, dataset_root: str | os.Path
             continue
         runs = [p for p in folder.iterdir() if (p / "config.yaml").is_file()]
         for run in sorted(runs, key=lambda p: ((p / "config.yaml").stat().st_mtime, p.name)):   # in order of start
-            try:
-                cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"{run / 'config.yaml'} is not valid YAML ({e})") from None
-            summary, trained = read_json_if_exists(run / "summary.json"), read_json_if_exists(run / "train_summary.json")
-            finished = (run / "summary.json").exists()
+            cfg = read_config(run)
+            summary, trained = read_summary(run, missing_ok=True), read_train_summary(run)
+            finished = is_finished(run)
             wall = ((run / "summary.json").stat().st_mtime - (run / "config.yaml").stat().st_mtime
                     if finished else math.nan)
             train = (cfg.get("resolved") or {}).get("train") or {}
             peak = trained.get("peak_rss_mib", summary.get("peak_rss_mib", math.nan))
             rows.append({"stage": stage_name, "variant": _variant(stage, cfg), "run": run.name,
                          "finished": finished, "epochs": train.get("epochs"), "steps": summary.get("steps"),
-                         "train_min": _train_seconds(run) / 60, "wall_min": wall / 60,
+                         "train_min": train_seconds(run) / 60, "wall_min": wall / 60,
                          "images_per_s": trained.get("images_per_s", math.nan),
                          "peak_mib": float(peak) if peak is not None else math.nan,
                          "device": trained.get("device"), "path": str(run)})
@@ -448,7 +432,7 @@ def stage_times_figure(frame: pd.DataFrame, note: str | None = None) -> plt.Figu
 
 
 def missing_stage_runs_note(run_root, dataset_root, preset: str = "tiny") -> str:
-    return (f"No stage runs under `{_dataset_dir(run_root, dataset_root, preset)}`: run "
+    return (f"No stage runs under `{dataset_dir(run_root, dataset_root, preset)}`: run "
             "`notebooks/01_autoregressive.ipynb`, `02_contrastive.ipynb` and `03_finetune.ipynb` first (with the "
             "same data_root, phantom and preset parameters), or `make book`, which runs them in order.")
 

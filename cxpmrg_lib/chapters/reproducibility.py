@@ -7,7 +7,6 @@ reproducibility chapter runs in seconds and also on a fresh checkout, where it s
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import platform
@@ -21,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from cxpmrg_lib.util.fileio import read_json_if_exists
+from cxpmrg_lib.runs import find_runs, is_finished, read_config, read_summary, wall_seconds
 
 log = logging.getLogger(__name__)
 
@@ -102,39 +101,13 @@ def machine() -> dict:
     return info
 
 
-# ----------------------------------------------------------------------------- runs
+# ----------------------------------------------------------------------------- runs (read through cxpmrg_lib.runs)
 def _read_yaml(path: Path) -> dict:
+    """A YAML file that is not a run's (a dataset manifest)."""
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
-
-
-
-def _wall_seconds(run_dir: Path) -> float | None:
-    """Training seconds of a run: the trainer's wall time, else the last elapsed_s of metrics.jsonl."""
-    train = read_json_if_exists(run_dir / "train_summary.json")
-    if "wall_s" in train:
-        return float(train["wall_s"])
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    last = None
-    for line in path.read_text().splitlines():
-        try:
-            last = max(last or 0.0, float(json.loads(line).get("elapsed_s", 0.0)))
-        except (ValueError, AttributeError):
-            continue
-    return last
-
-
-def find_runs(run_root: str | os.PathLike) -> list[Path]:
-    """Every run folder (one with a config.yaml) under a run root, sorted; checkpoints are not runs."""
-    run_root = Path(run_root)
-    if not run_root.is_dir():
-        return []
-    return sorted(p.parent for p in run_root.rglob("config.yaml")
-                  if not {"checkpoints", "model", "best"} & set(p.relative_to(run_root).parts[:-1]))
 
 
 def run_table(run_root: str | os.PathLike) -> pd.DataFrame:
@@ -146,13 +119,13 @@ def run_table(run_root: str | os.PathLike) -> pd.DataFrame:
     run_root = Path(run_root)
     rows = []
     for run in find_runs(run_root):
-        cfg = _read_yaml(run / "config.yaml")
+        cfg = read_config(run)
         config, resolved = cfg.get("config") or {}, cfg.get("resolved") or {}
-        summary = read_json_if_exists(run / "summary.json")
+        summary = read_summary(run, missing_ok=True)
         train = resolved.get("train") or {}
         parts = run.relative_to(run_root).parts
         metrics = summary.get("test_metrics") or {}
-        wall = _wall_seconds(run)
+        wall = wall_seconds(run)
         rows.append({
             "dataset": parts[0] if len(parts) > 1 else "",
             "preset": config.get("preset", parts[1] if len(parts) > 2 else ""),
@@ -235,7 +208,7 @@ def dataset_roots(run_root: str | os.PathLike, data_root: str | os.PathLike | No
     """The dataset trees the runs were trained on (from their configs) plus those written under data_root."""
     roots: dict[str, Path] = {}
     for run in find_runs(run_root):
-        ds = (_read_yaml(run / "config.yaml").get("config") or {}).get("dataset_root")
+        ds = (read_config(run).get("config") or {}).get("dataset_root")
         if ds and Path(ds).exists():
             roots[str(Path(ds).resolve())] = Path(ds).resolve()
     if data_root and Path(data_root).is_dir():
@@ -259,9 +232,9 @@ def checksum_table(roots: list[Path]) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- rerunning one number
 def stage3_run(run_root: str | os.PathLike, init: str = "stage2") -> Path | None:
     """The finished stage-3 run of the full model (`init`) under a run root; the newest when several."""
-    runs = [r for r in find_runs(run_root) if (r / "summary.json").exists()
-            and (_read_yaml(r / "config.yaml").get("resolved") or {}).get("stage") == "finetune"
-            and (_read_yaml(r / "config.yaml").get("config") or {}).get("init") == init
+    runs = [r for r in find_runs(run_root) if is_finished(r)
+            and (read_config(r).get("resolved") or {}).get("stage") == "finetune"
+            and (read_config(r).get("config") or {}).get("init") == init
             and "bench" not in r.relative_to(run_root).parts]
     return max(runs, key=lambda r: (r / "summary.json").stat().st_mtime) if runs else None
 
@@ -279,12 +252,12 @@ def rerun_commands(run_dir: str | os.PathLike, fresh_run_root: str = "runs-rerun
     (a smoke budget). `python`: rebuilds the config from config.yaml itself, so it is exact in every case.
     """
     run_dir = Path(run_dir)
-    cfg = _read_yaml(run_dir / "config.yaml")
+    cfg = read_config(run_dir)
     config, resolved = cfg.get("config") or {}, cfg.get("resolved") or {}
     if resolved.get("stage") != "finetune":
         raise ValueError(f"{run_dir} is not a stage-3 (finetune) run: its config.yaml says stage "
                          f"{resolved.get('stage')!r}")
-    bleu4 = (read_json_if_exists(run_dir / "summary.json").get("test_metrics") or {}).get("bleu4")
+    bleu4 = (read_summary(run_dir, missing_ok=True).get("test_metrics") or {}).get("bleu4")
     dataset = Path(config["dataset_root"])
     phantom = _PHANTOM_DIR.match(dataset.name)
     if phantom and int(phantom["seed"]) != config.get("seed", 0):

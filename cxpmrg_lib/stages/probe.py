@@ -90,3 +90,27 @@ def probe_table(results: dict[str, ProbeResult]) -> pd.DataFrame:
     return pd.DataFrame([{"encoder": name, "mean AUROC": round(r.mean_auroc, 4),
                           "labels scored": int(r.per_label["auroc"].notna().sum())}
                          for name, r in results.items()]).set_index("encoder")
+
+
+@torch.no_grad()
+def feature_spread(encode, studies, batch_size: int = 32) -> dict:
+    """Do a model's image features differ between studies? `encode(images, image_mask)` -> (B, T, D)
+    memory (or a tuple whose first item is). Returns the between-study standard deviation of the pooled
+    features relative to their mean norm, and the mean cosine similarity of two different studies'
+    pooled features: a spread near 0 (cosine near 1) means the decoder is given the same input for
+    every image, and no training of the decoder can make it follow the image."""
+    from cxpmrg_lib.data.dataset import collate_studies
+
+    pooled = []
+    for start in range(0, len(studies), batch_size):
+        batch = collate_studies([studies[i] for i in range(start, min(start + batch_size, len(studies)))])
+        memory = encode(batch["image"], batch["image_mask"])
+        memory = memory[0] if isinstance(memory, tuple) else memory
+        pooled.append(memory.float().mean(1))
+    x = torch.cat(pooled)
+    spread = float(x.std(0).norm() / x.mean(0).norm().clamp_min(1e-12)) if len(x) > 1 else 0.0
+    unit = torch.nn.functional.normalize(x, dim=1)
+    sim = unit @ unit.T
+    n = len(x)
+    off = float((sim.sum() - sim.diagonal().sum()) / max(1, n * (n - 1)))
+    return {"studies": n, "between_study_spread": spread, "mean_cosine_between_studies": off}

@@ -27,6 +27,7 @@ from cxpmrg_lib.util.fileio import atomic_path, write_json
 from cxpmrg_lib.presets import PROJECTION_LR, VALIDATIONS, get_preset
 from cxpmrg_lib.stages.studies import load_studies, split_table
 from cxpmrg_lib.stages.common import RunError, StageConfig, read_summary, require_run, resolve_device, start_run, finish_run
+from cxpmrg_lib.stages.decoding import generate_reports
 
 log = logging.getLogger(__name__)
 
@@ -373,8 +374,8 @@ def validation_fn(val, decoding: dict):
 
 def decoding_sweep(config: FinetuneConfig, run_dir: str | os.PathLike, grid: dict | None = None):
     """A finished stage-3 run's validation BLEU-4, CE-F1 and distinct-report share under every decoding
-    setting of `grid` (diagnostics.SWEEP_GRID by default): how much of a collapse decoding explains."""
-    from cxpmrg_lib.chapters.diagnostics import SWEEP_GRID, decoding_sweep as sweep
+    setting of `grid` (decoding.SWEEP_GRID by default): how much of a collapse decoding explains."""
+    from cxpmrg_lib.stages.decoding import SWEEP_GRID, decoding_sweep as sweep
 
     model = load_report_model(run_dir)
     val, _ = load_studies(config.dataset_root, model.image_size, "val", config.dataset_kind, config.val_studies,
@@ -418,19 +419,6 @@ def _test_predictions(model, config: FinetuneConfig, run_dir: Path) -> dict:
     evaluation = evaluate_file(path, n_boot=1000, seed=config.seed)
     return {"test_config": _test_config(config), "test_studies": len(frame), "generation_s": seconds, "reports_per_s": len(frame) / max(seconds, 1e-9),
             "test_metrics": evaluation["metrics"], "test_ci": evaluation.get("ci")}
-
-
-@torch.no_grad()
-def generate_reports(model, studies, batch_size: int = 16, **decoding) -> list[str]:
-    """Reports for every study of a dataset (items as StudyTensorDataset's), in order."""
-    from cxpmrg_lib.util.progress import tqdm
-
-    device = next(p for p in model.parameters()).device
-    out: list[str] = []
-    for start in tqdm(range(0, len(studies), batch_size), desc="generate", unit="batch", leave=False):
-        batch = collate_studies([studies[i] for i in range(start, min(start + batch_size, len(studies)))])
-        out += model.generate(batch["image"].to(device), batch["image_mask"].to(device), **decoding)
-    return out
 
 
 def load_report_model(run_dir: str | os.PathLike):
