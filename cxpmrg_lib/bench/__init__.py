@@ -20,9 +20,9 @@ The protocol, the same for every system:
 system, appended as each finishes; a rerun skips the finished ones) and `predictions/<system>.csv`
 (study_id, reference, prediction), which `cxpmrg evaluate` reads.
 
-Modules, from the bottom up: training (what every runner shares), runners (how each kind of system
-is run), systems (the System records), config (the protocol, BenchConfig), run (`run_bench`), tables
-(the results as the book shows them).
+Modules, from the bottom up: systems (the System records), config (the protocol, BenchConfig), training
+(what every runner shares), runners (how each kind of system is run), run (`run_bench`), tables (the
+results as the book shows them).
 """
 from cxpmrg_lib.bench.config import (BACKBONE_PRETRAINING, SMOKE_BUDGET, SMOKE_SECOND_SYSTEMS, SMOKE_SYSTEMS,
                                      BenchConfig, bench_dir, for_dataset, notebook_config)

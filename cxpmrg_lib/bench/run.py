@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from cxpmrg_lib.bench.config import BenchConfig, bench_dir
-from cxpmrg_lib.bench.runners import _FeatureSet, _mamba_config, _stage2_tokens
+from cxpmrg_lib.bench.runners import RUNNERS, _FeatureSet, _mamba_config, _stage2_tokens
 from cxpmrg_lib.bench.systems import DEFAULT_SYSTEMS, REFERENCE, SYSTEMS, System
 from cxpmrg_lib.bench.training import _Data, _Fitted, _lm_epochs, _load_data, _report_lm_call, _stage2_call
 from cxpmrg_lib.runs import config_hash
@@ -106,7 +106,7 @@ def _fit_row(config: BenchConfig, slug: str) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("benchmark: %s", system.name)
     t0 = time.perf_counter()
-    fitted = system.runner(system, config, data, run_dir)
+    fitted = RUNNERS[system.kind](system, config, data, run_dir)
     frame = pd.DataFrame({"study_id": [str(s) for s in data.test.study_ids],
                           "reference": list(data.test.reports), "prediction": fitted.predictions})
     with atomic_path(out / "predictions" / f"{slug}.csv") as tmp:

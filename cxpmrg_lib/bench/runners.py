@@ -7,19 +7,16 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
+from cxpmrg_lib.bench.config import BenchConfig
+from cxpmrg_lib.bench.systems import System
 from cxpmrg_lib.bench.training import (_count, _Data, _elapsed, _fit, _Fitted, _generate, _lm_budget, _lm_epochs,
                                        _pretrain_seconds, _projection_scale, _report_lm_dir, _stage2_run, _train)
 from cxpmrg_lib.util.fileio import write_json
-
-if TYPE_CHECKING:
-    from cxpmrg_lib.bench.config import BenchConfig
-    from cxpmrg_lib.bench.systems import System
 
 log = logging.getLogger(__name__)
 

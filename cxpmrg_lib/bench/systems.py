@@ -1,10 +1,9 @@
-"""The systems of the benchmark: one System record each (name, family, paper, how it is run and when), the
-table of them, the default list and the reference every row is tested against."""
+"""The systems of the benchmark: one System record each (name, family, paper, its runner by `kind`, its
+place in the submission order), the table of them, the default list and the reference every row is
+tested against."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from cxpmrg_lib.bench.runners import RUNNERS
 
 
 @dataclass(frozen=True)
@@ -15,11 +14,6 @@ class System:
     kind: str            # how it is run (see runners.RUNNERS)
     paper: str           # the original paper, cited in the book
     options: tuple = ()  # (key, value) pairs for the runner
-
-    @property
-    def runner(self):
-        """How the system is trained and writes its test reports: runner(system, config, data, run_dir) -> _Fitted."""
-        return RUNNERS[self.kind]
 
     @property
     def order(self) -> int:

@@ -6,16 +6,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from cxpmrg_lib.bench.config import BenchConfig
+from cxpmrg_lib.bench.systems import System
 from cxpmrg_lib.runs import train_seconds, upstream_runs
 from cxpmrg_lib.stages.common import resolve_device
-
-if TYPE_CHECKING:
-    from cxpmrg_lib.bench.config import BenchConfig
-    from cxpmrg_lib.bench.systems import System
 
 log = logging.getLogger(__name__)
 
