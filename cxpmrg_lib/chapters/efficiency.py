@@ -90,7 +90,7 @@ def mambapy_available() -> bool:
 
 
 def measure_scan(smoke: bool = False, **overrides) -> dict:
-    """perf_scan.benchmark_scan at the book's budget; mambapy joins the table when it is importable."""
+    """perf.scan.benchmark_scan at the book's budget; mambapy joins the table when it is importable."""
     from cxpmrg_lib.perf.scan import benchmark_scan
 
     settings = {**SCAN_SETTINGS["smoke" if smoke else "default"], **overrides}
@@ -196,7 +196,7 @@ def scan_figure(result: dict, title: str | None = None) -> plt.Figure:
 def measure_encoder(smoke: bool = False, preset: str = "tiny", seed: int = 0, **overrides) -> dict:
     """Training step time of the preset's Vision Mamba (1-way, 4-way) and a same-size ViT at each input size.
 
-    The book's budgeted version of perf_encoder.benchmark_encoder, with the same result layout. With
+    The book's budgeted version of perf.encoder.benchmark_encoder, with the same result layout. With
     so few repeats, load from other processes matters more than in the full benchmark, so the three
     encoders' steps are interleaved (one of each per round) and the fastest step counts: a step can be
     slowed by another process but not sped up.

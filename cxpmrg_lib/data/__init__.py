@@ -1,4 +1,4 @@
-"""The data layer: every source becomes one study table (see DESIGN.md), then a torch Dataset.
+"""The data layer: every source becomes one study table (see ARCHITECTURE.md), then a torch Dataset.
 
 `load_study_table(root)` is the one entry point: it recognises the folder
 (CheXpert Plus native layout or an R2Gen annotation tree) and calls its loader.

@@ -1,6 +1,6 @@
 """The 14 CheXpert observations, shared by the data layer, the labeller and the metrics.
 
-Kept in a module of its own so that `data` does not depend on `labeler` (DESIGN.md arrows).
+Kept in a module of its own so that `data` does not depend on `labeler` (ARCHITECTURE.md layers).
 """
 
 CHEXPERT_LABELS = [

@@ -1,4 +1,4 @@
-"""The study table: the one DataFrame shape every data source is turned into (DESIGN.md).
+"""The study table: the one DataFrame shape every data source is turned into (ARCHITECTURE.md).
 
 Columns (STUDY_COLUMNS): `study_id` (unique str), `image_paths` (list of str, relative
 to the dataset root, frontal first), `findings`, `impression`, `report` (the

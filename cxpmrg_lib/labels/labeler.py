@@ -4,9 +4,9 @@ Why a rule labeller of our own: the CE metrics of the study need CheXpert labels
 generated reports; the CheXpert labeler (NegBio, Java parsers) and CheXbert (weights
 behind a form) do not run offline out of the box. These rules follow the CheXpert
 labeler's design (mention phrases, vetoes, negation and uncertainty cues,
-aggregation) but are written here; the phrase tables are in `labeler_rules`. A
+aggregation) but are written here; the phrase tables are in `rules`. A
 CheXbert checkpoint the user has can be used instead, behind the same function
-(`backend="chexbert"`, see `labeler_chexbert`).
+(`backend="chexbert"`, see `chexbert`).
 
 How a report is labelled:
 1. Normalise: lower case; "?" before a word becomes "questionable"; hyphens, slashes
@@ -276,7 +276,7 @@ def label_reports(texts: Iterable, backend: str = "rules", checkpoint=None, toke
     texts[i] (index 0..n-1), values 1.0 positive, 0.0 negative, -1.0 uncertain, NaN not
     mentioned. backend="rules" (default) needs nothing; backend="chexbert" needs a local
     CheXbert checkpoint (`checkpoint`, a .pth file) and a local bert-base-uncased
-    tokenizer folder (`tokenizer`), see `labeler_chexbert.label_reports_chexbert`.
+    tokenizer folder (`tokenizer`), see `chexbert.label_reports_chexbert`.
     `clear_lungs_negate` (rules only): whether "the lungs are clear" makes Lung Opacity 0.
     """
     if isinstance(texts, (str, bytes)):

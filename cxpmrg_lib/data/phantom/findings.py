@@ -1,7 +1,7 @@
 """Drawers of the frontal findings: lung aeration changes, ribs (with fractures), devices.
 
 Each drawer adds into layers the frontal renderer owns (aerated lung, extra density,
-bone, metal), with the canvas primitives of `phantom_canvas`, and takes randomness
+bone, metal), with the canvas primitives of `canvas`, and takes randomness
 only from the generator it is handed.
 """
 from __future__ import annotations

@@ -6,9 +6,9 @@ bone, metal add; aerated lung subtracts) in resolution-free coordinates and mapp
 to brightness like an exposure, so one spec renders alike at 128 or 1024 px.
 
 The parts live in short modules, each importing only those before it:
-phantom_spec (what a study is) <- phantom_canvas (grid, fields, geometry, coordinates)
-<- phantom_acquire (exposure, positioning, grain) <- phantom_findings (frontal
-findings, ribs, devices) <- phantom_lateral (`render_lateral`) <- this module
+spec (what a study is) <- canvas (grid, fields, geometry, coordinates)
+<- acquire (exposure, positioning, grain) <- findings (frontal
+findings, ribs, devices) <- lateral (`render_lateral`) <- this module
 (`render_study`, and the names other modules import from here).
 
 Everything is vectorised numpy on row/column slices; no per-pixel Python loops.
@@ -27,7 +27,7 @@ from .findings import _draw_device, _draw_lung_finding, _draw_ribs
 from .spec import StudySpec
 
 # Re-exported: the public names the rest of the package imports from here, and the
-# helpers the tests check (the code lives in phantom_spec / _canvas / _acquire / _lateral).
+# helpers the tests check (the code lives in spec / canvas / acquire / lateral).
 from .acquire import _affine, _affine_to, _upsample2  # noqa: F401
 from .canvas import _bezier, _canvas  # noqa: F401
 from .lateral import render_lateral  # noqa: F401

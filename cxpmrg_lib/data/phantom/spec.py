@@ -1,6 +1,6 @@
 """What a phantom study is: the findings, the normal anatomy and its sampling.
 
-A study is described by a `StudySpec` (anatomy + findings); `phantom_render` draws it.
+A study is described by a `StudySpec` (anatomy + findings); `render` draws it.
 These plain, frozen descriptions are kept apart from the drawing code so that the
 report writer and the IU mapping can use them without pulling in any pixels.
 """

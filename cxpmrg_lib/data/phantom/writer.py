@@ -4,8 +4,8 @@
 tree, chexbert_labels JSON Lines) so the default run goes through the same loader
 as the real dataset. `write_iu_phantom` keeps the real IU X-Ray reports and renders
 a radiograph for each from its human MeSH indexing, as an R2Gen annotation tree.
-Both are synthetic: the images are drawn (phantom_render), the CheXpert Plus
-reports are templated (phantom_reports); results on them are not the paper's.
+Both are synthetic: the images are drawn (render), the CheXpert Plus
+reports are templated (reports); results on them are not the paper's.
 
 Determinism: each study draws from its own generator seeded by (seed, study index),
 so the same seed gives byte-identical trees whatever the number of workers.
