@@ -5,14 +5,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted"]
+from cxpmrg_lib.runs import METRICS_FILE, TRAIN_SUMMARY_FILE
 
+__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 STATE_NAME = "trainer_state.json"
-SUMMARY_NAME = "train_summary.json"
-METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = TRAIN_SUMMARY_FILE      # the run-folder contract's names (cxpmrg_lib.runs)
+METRICS_NAME = METRICS_FILE
 _CKPT_RE = re.compile(r"^step_(\d+)$")
 _POS_EMBED_RE = re.compile(r"(^|\.|_)(pos_embed|pos_emb|position_embed|absolute_pos)", re.IGNORECASE)
 _MIXED_PRECISION = ("auto", "no", "bf16")
