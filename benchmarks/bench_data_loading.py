@@ -20,7 +20,7 @@ from PIL import Image
 
 from cxpmrg_lib.data.dataset import make_loader
 from cxpmrg_lib.data.images import load_image
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 N_IMAGES, SIZE, OUT = 1000, 256, 128
 
@@ -78,7 +78,7 @@ if __name__ == "__main__":
 
 @pytest.mark.benchmark
 def test_bench_openi_reports():
-    from cxpmrg_lib.data.errors import DataError
+    from cxpmrg_lib.util.errors import DataError
     from cxpmrg_lib.data.openi import find_openi_reports, load_openi_reports
 
     try:

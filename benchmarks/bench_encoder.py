@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from cxpmrg_lib.models.ssm import scan_impl_name
-from cxpmrg_lib.perf_encoder import benchmark_encoder, format_encoder_table
+from cxpmrg_lib.perf.encoder import benchmark_encoder, format_encoder_table
 
 
 def _goals(result: dict) -> list[str]:

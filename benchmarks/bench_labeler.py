@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from cxpmrg_lib import labeler
-from cxpmrg_lib.mesh_labels import report_text
+from cxpmrg_lib.labels import labeler
+from cxpmrg_lib.labels.mesh import report_text
 
 
 @pytest.mark.benchmark

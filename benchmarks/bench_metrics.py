@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from cxpmrg_lib import metrics
-from cxpmrg_lib.metrics_nlg import close_meteor
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.metrics.nlg import close_meteor
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 SENTENCES = [
     "the heart is normal in size", "the cardiomediastinal silhouette is within normal limits",
@@ -73,11 +73,11 @@ def keyword_labeler(texts):
 
 def _labeler():
     try:
-        from cxpmrg_lib.labeler import clear_cache, label_reports
+        from cxpmrg_lib.labels.labeler import clear_cache, label_reports
         clear_cache()  # time the labelling from cold
-        return label_reports, "cxpmrg_lib.labeler.label_reports (sentence cache cleared first)"
+        return label_reports, "cxpmrg_lib.labels.labeler.label_reports (sentence cache cleared first)"
     except ImportError:
-        return keyword_labeler, "a keyword stand-in (cxpmrg_lib.labeler not importable)"
+        return keyword_labeler, "a keyword stand-in (cxpmrg_lib.labels.labeler not importable)"
 
 
 @pytest.mark.benchmark

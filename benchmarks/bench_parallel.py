@@ -1,6 +1,6 @@
 """Why independent runs train side by side: stage-3 training studies/s of one process using every
 core against two (or more) processes with the cores shared out, on the default phantom. The book's
-notebooks use it (cxpmrg_lib.parallel) for 02's and 03's runs and the benchmark's systems.
+notebooks use it (cxpmrg_lib.util.parallel) for 02's and 03's runs and the benchmark's systems.
 Writes runs/perf/side_by_side.json.
 
     .venv/bin/python -m pytest -m benchmark -s benchmarks/bench_parallel.py
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cxpmrg_lib.data import prepare
-from cxpmrg_lib.perf_report import benchmark_side_by_side, format_side_by_side
+from cxpmrg_lib.perf.report import benchmark_side_by_side, format_side_by_side
 
 
 @pytest.mark.benchmark

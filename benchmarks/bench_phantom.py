@@ -33,7 +33,7 @@ def _load() -> str:
 
 def _implementations() -> dict:
     """name -> (phantom module, phantom_render module): the current code, plus the baseline if set."""
-    from cxpmrg_lib.data import phantom, phantom_render
+    from cxpmrg_lib.data.phantom import render as phantom_render, writer as phantom
 
     out = {"current": (phantom, phantom_render)}
     spec = os.environ.get("CXPMRG_PHANTOM_BASELINE")

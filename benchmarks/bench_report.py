@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cxpmrg_lib.data import prepare
-from cxpmrg_lib.perf_report import benchmark_report, benchmark_train_scan, format_report_table, format_train_scan
+from cxpmrg_lib.perf.report import benchmark_report, benchmark_train_scan, format_report_table, format_train_scan
 
 
 def _newest_full_model_run(dataset_root: Path) -> Path | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxpmrg_lib.perf_scan import benchmark_scan, format_scan_table
+from cxpmrg_lib.perf.scan import benchmark_scan, format_scan_table
 
 OUT = Path("runs/perf/scan.json")
 GOALS = {"mambapy_time/compiled": 30.0, "pytorch_time/compiled": 4.0, "mambapy_time/pytorch": 4.0,

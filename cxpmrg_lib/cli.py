@@ -57,7 +57,7 @@ def _cmd_data_check(a: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------ evaluate
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from cxpmrg_lib.evaluate import evaluate_file, format_evaluation
+    from cxpmrg_lib.metrics.evaluate import evaluate_file, format_evaluation
 
     result = evaluate_file(a.predictions, against=a.against, meteor=not a.no_meteor,
                            n_boot=a.n_boot, convention=a.convention, seed=a.seed, alpha=a.alpha,
@@ -137,7 +137,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------ generate
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from cxpmrg_lib.generate import ReportGenerator
+    from cxpmrg_lib.stages.generate import ReportGenerator
 
     generator = ReportGenerator.from_pretrained(a.run)
     decoding = {"num_beams": a.beams} if a.beams else {}
@@ -151,7 +151,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- perf
 def _cmd_perf_scan(a: argparse.Namespace) -> int:
-    from cxpmrg_lib.perf_scan import benchmark_scan, format_scan_table
+    from cxpmrg_lib.perf.scan import benchmark_scan, format_scan_table
 
     result = benchmark_scan(lengths=tuple(a.lengths), batch=a.batch, channels=a.channels, state=a.state,
                             repeats=a.repeats, include_mambapy=not a.no_mambapy, out_json=a.out)
@@ -161,7 +161,7 @@ def _cmd_perf_scan(a: argparse.Namespace) -> int:
 
 
 def _cmd_perf_encoder(a: argparse.Namespace) -> int:
-    from cxpmrg_lib.perf_encoder import benchmark_encoder, format_encoder_table
+    from cxpmrg_lib.perf.encoder import benchmark_encoder, format_encoder_table
 
     result = benchmark_encoder(sizes=tuple(a.sizes), batch=a.batch, repeats=a.repeats, preset=a.preset,
                                out_json=a.out)
@@ -171,7 +171,7 @@ def _cmd_perf_encoder(a: argparse.Namespace) -> int:
 
 
 def _cmd_perf_report(a: argparse.Namespace) -> int:
-    from cxpmrg_lib.perf_report import benchmark_report, format_report_table
+    from cxpmrg_lib.perf.report import benchmark_report, format_report_table
 
     result = benchmark_report(a.dataset, run_dir=a.run, preset=a.preset, kind=a.kind, batch=a.batch,
                               train_steps=a.steps, n_reports=a.n_reports, n_greedy=a.n_greedy, out_json=a.out)
@@ -182,7 +182,7 @@ def _cmd_perf_report(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- book
 def _cmd_book(a: argparse.Namespace) -> int:
-    from cxpmrg_lib.pipeline import run_book
+    from cxpmrg_lib.chapters.pipeline import run_book
 
     params = {}
     for key, value in a.param or []:
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from cxpmrg_lib.errors import USER_ERRORS
+    from cxpmrg_lib.util.errors import USER_ERRORS
 
     try:
         return args.func(args)

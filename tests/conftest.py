@@ -7,7 +7,7 @@ book tests and the browser check both read it, so it is built once.
 To iterate on those tests without rebuilding, point CXPMRG_SMOKE_BOOK at a book folder that an
 earlier smoke run built, e.g. one made by
 
-    python -c "from cxpmrg_lib.pipeline import run_book; run_book(book_dir='/tmp/smokebook/book', smoke=True,
+    python -c "from cxpmrg_lib.chapters.pipeline import run_book; run_book(book_dir='/tmp/smokebook/book', smoke=True,
                params={'data_root': '/tmp/smokebook/data'})"
 
 and run `CXPMRG_SMOKE_BOOK=/tmp/smokebook/book pytest tests/test_browser.py`. The folder is used as
@@ -45,7 +45,7 @@ class SmokeBook:
 
 def _steps_from_times(book: Path) -> list:
     """The steps of an earlier build, read back from the pipeline's own timing file."""
-    from cxpmrg_lib.pipeline import StepResult
+    from cxpmrg_lib.chapters.pipeline import StepResult
 
     times = book / "_build" / "pipeline_times.json"
     if not times.exists():
@@ -56,7 +56,7 @@ def _steps_from_times(book: Path) -> list:
 
 @pytest.fixture(scope="session")
 def smoke_book(tmp_path_factory) -> SmokeBook:
-    from cxpmrg_lib.pipeline import run_book
+    from cxpmrg_lib.chapters.pipeline import run_book
 
     override = os.environ.get("CXPMRG_SMOKE_BOOK")
     if override:

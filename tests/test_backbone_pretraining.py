@@ -5,7 +5,7 @@ import torch
 
 from cxpmrg_lib.models.zoo.common import SmallResNet, pool_views
 from cxpmrg_lib.stages.backbone import finding_targets, pretrain_backbone
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 EFFUSION = CHEXPERT_LABELS.index("Pleural Effusion")
 NO_FINDING = CHEXPERT_LABELS.index("No Finding")

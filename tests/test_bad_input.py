@@ -9,8 +9,8 @@ import yaml
 from cxpmrg_lib.data.dataset import StudyDataset, collate_studies
 from cxpmrg_lib.data.images import ImageLoadError
 from cxpmrg_lib.data.phantom import write_phantom
-from cxpmrg_lib.errors import RunError
-from cxpmrg_lib.stage_data import load_split, load_studies, split_table
+from cxpmrg_lib.util.errors import RunError
+from cxpmrg_lib.stages.studies import load_split, load_studies, split_table
 from cxpmrg_lib.stages.common import StageConfig, require_run
 from cxpmrg_lib.stages.report import _count_truncated
 

@@ -75,7 +75,7 @@ def test_smoke_bench_four_systems(phantom, tmp_path):
     shown = ranked_table(table)
     assert shown.shape == (4, 7) and sum("<b>" in c for c in shown["bleu4"]) >= 1
     # the diagnostics read every trained row's validation records back from its run folder
-    from cxpmrg_lib import diagnostics
+    from cxpmrg_lib.chapters import diagnostics
     from cxpmrg_lib.bench import encoder_spread
 
     curves = diagnostics.validation_curves(dict(zip(table["name"], table["run_dir"])))
@@ -130,7 +130,8 @@ def test_diversity_and_plain_summary_name_the_collapsed_and_the_winners(tmp_path
 def test_the_earlier_stage_wave_trains_each_shared_run_once():
     """MambaXray-VL's rows, nearest neighbour, the LM swap and R2GenGPT-style share stage 1, stage 2 and report
     LMs: the wave before the rows has one call per run, however many rows need it."""
-    from cxpmrg_lib.bench import DEFAULT_SYSTEMS, _earlier_runs, notebook_config
+    from cxpmrg_lib.bench import DEFAULT_SYSTEMS, notebook_config
+    from cxpmrg_lib.bench.run import _earlier_runs
 
     calls, labels = _earlier_runs(notebook_config("/nowhere/phantom"), DEFAULT_SYSTEMS)
     runs = sorted((c.func.__name__, getattr(c.args[0], "init", ""), getattr(c.args[0], "arch", ""),

@@ -5,7 +5,7 @@ import re
 import nbformat
 import pytest
 
-from cxpmrg_lib.pipeline import NOTEBOOKS, NotebookFailed, run_book
+from cxpmrg_lib.chapters.pipeline import NOTEBOOKS, NotebookFailed, run_book
 
 
 @pytest.mark.slow
@@ -136,7 +136,7 @@ def test_every_notebook_has_the_common_parameters_with_the_same_defaults():
     import papermill as pm
 
     from cxpmrg_lib.data.prepare import DEFAULT_PHANTOM_SIZE, DEFAULT_PHANTOM_STUDIES
-    from cxpmrg_lib.pipeline import REPO_ROOT
+    from cxpmrg_lib.chapters.pipeline import REPO_ROOT
 
     common = {"data_root": '"data"', "dataset_root": '""', "dataset_kind": '"auto"', "section": '"findings"',
               "split": '"patient"', "phantom_studies": str(DEFAULT_PHANTOM_STUDIES),
@@ -149,7 +149,7 @@ def test_every_notebook_has_the_common_parameters_with_the_same_defaults():
 
 
 def test_a_page_shows_no_path_of_the_machine_that_built_it(tmp_path):
-    from cxpmrg_lib.pipeline import REPO_ROOT, for_the_page, local_paths
+    from cxpmrg_lib.chapters.pipeline import REPO_ROOT, for_the_page, local_paths
 
     local = local_paths(tmp_path / "book", {"data_root": str(tmp_path / "data"), "run_root": "runs",
                                             "dataset_root": "/mnt/cxr/chexpertplus"})
@@ -181,7 +181,7 @@ def test_a_page_shows_no_path_of_the_machine_that_built_it(tmp_path):
 def test_a_chapter_logs_to_its_file_and_shows_warnings_and_one_line(tmp_path, monkeypatch, capsys):
     import logging
 
-    from cxpmrg_lib import chapter_log
+    from cxpmrg_lib.chapters import chapter_log
 
     monkeypatch.chdir(tmp_path)
     root = logging.getLogger()
@@ -210,7 +210,7 @@ def test_a_chapter_logs_to_its_file_and_shows_warnings_and_one_line(tmp_path, mo
 
 
 def test_every_code_cell_is_folded_and_logs_to_the_run_root():
-    from cxpmrg_lib.pipeline import REPO_ROOT
+    from cxpmrg_lib.chapters.pipeline import REPO_ROOT
 
     for name in NOTEBOOKS:
         nb = nbformat.read(REPO_ROOT / "notebooks" / f"{name}.ipynb", as_version=4)

@@ -4,7 +4,7 @@ import pytest
 
 import cxpmrg_lib.data as data
 from cxpmrg_lib.data.check import check_tree, detect_kind, format_check
-from cxpmrg_lib.data.errors import DataError
+from cxpmrg_lib.util.errors import DataError
 
 from test_data_chexpert_plus import make_tree as make_chexpert
 from test_data_openi import good, make_tgz

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from cxpmrg_lib.data.chexpert_plus import CHEXPERT_PLUS_COLUMNS, load_chexpert_plus, patient_split
-from cxpmrg_lib.data.errors import DataError
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.util.errors import DataError
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 
 def _row(path, pid, split, findings, impression, view="Frontal"):

@@ -7,7 +7,7 @@ from PIL import Image
 
 from cxpmrg_lib.data.dataset import StudyDataset, collate_studies, make_loader
 from cxpmrg_lib.data.images import ImageLoadError
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 
 @pytest.fixture()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxpmrg_lib.data.errors import DataError
+from cxpmrg_lib.util.errors import DataError
 from cxpmrg_lib.data.images import ImageLoadError, load_image
 
 

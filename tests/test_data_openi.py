@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from cxpmrg_lib.data.errors import DataError
+from cxpmrg_lib.util.errors import DataError
 from cxpmrg_lib.data.openi import MeshTerm, find_openi_reports, load_openi_reports, parse_mesh_term
 
 GOOD = b"""<?xml version="1.0" encoding="utf-8"?>

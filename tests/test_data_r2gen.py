@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxpmrg_lib.data.errors import DataError
+from cxpmrg_lib.util.errors import DataError
 from cxpmrg_lib.data.r2gen import load_r2gen
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 
 def item(i, split, n_images=2, report="The heart is normal. No effusion.", paths=None):

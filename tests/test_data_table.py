@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxpmrg_lib.data.errors import DataError
+from cxpmrg_lib.util.errors import DataError
 from cxpmrg_lib.data.table import STUDY_COLUMNS, note_dropped, safe_join, validate_study_table
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 
 def table(root, n=4):

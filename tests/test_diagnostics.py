@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from cxpmrg_lib import diagnostics
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.chapters import diagnostics
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 
 def _run(tmp_path, name, evals):

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxpmrg_lib import efficiency
-from cxpmrg_lib.pipeline import SMOKE_PARAMS, execute_notebook
+from cxpmrg_lib.chapters import efficiency
+from cxpmrg_lib.chapters.pipeline import SMOKE_PARAMS, execute_notebook
 
 matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,8 +197,8 @@ def test_notebook_runs_alone_on_an_empty_run_root_and_says_what_to_run_first(tmp
 def test_side_by_side_view_reads_make_bench_json(tmp_path):
     from IPython.display import Markdown
 
-    from cxpmrg_lib.efficiency import full_benchmark_view
-    from cxpmrg_lib.fileio import write_json
+    from cxpmrg_lib.chapters.efficiency import full_benchmark_view
+    from cxpmrg_lib.util.fileio import write_json
 
     missing = full_benchmark_view(tmp_path, "side_by_side")
     assert isinstance(missing, Markdown) and "bench_parallel.py" in missing.data

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from cxpmrg_lib import metrics
-from cxpmrg_lib.data.errors import DataError
-from cxpmrg_lib.evaluate import evaluate_file, format_evaluation, metrics_json_path, read_predictions
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.util.errors import DataError
+from cxpmrg_lib.metrics.evaluate import evaluate_file, format_evaluation, metrics_json_path, read_predictions
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 
 def labeler(texts):

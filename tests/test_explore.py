@@ -4,9 +4,9 @@ import os
 import pandas as pd
 import pytest
 
-from cxpmrg_lib import explore, publish
+from cxpmrg_lib.chapters import explore, publish
 from cxpmrg_lib.data.phantom import DATASET_MARKER, write_phantom
-from cxpmrg_lib.stage_data import split_table
+from cxpmrg_lib.stages.studies import split_table
 
 WRONG = "Cardiomegaly. Large pleural effusion. Pneumothorax. Pulmonary edema. Consolidation."
 
@@ -34,7 +34,7 @@ def test_highlight_marks_exactly_the_shared_sentences():
 
 
 def test_study_scores_per_study():
-    from cxpmrg_lib.labeler import label_reports
+    from cxpmrg_lib.labels.labeler import label_reports
 
     refs = ["the heart is normal . the lungs are clear .", "small left pleural effusion ."]
     preds = ["the heart is normal . the lungs are clear .", WRONG]
@@ -157,7 +157,7 @@ def test_explore_notebook_reuses_the_bench(bench, tmp_path):
     import nbformat
 
     from cxpmrg_lib.bench import BenchConfig, bench_dir
-    from cxpmrg_lib.pipeline import SMOKE_PARAMS, execute_notebook
+    from cxpmrg_lib.chapters.pipeline import SMOKE_PARAMS, execute_notebook
 
     root, out, ids = bench
     run_root = tmp_path / "runs"

@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from cxpmrg_lib.fileio import atomic_dir, current_umask, write_json
+from cxpmrg_lib.util.fileio import atomic_dir, current_umask, write_json
 
 
 @pytest.fixture

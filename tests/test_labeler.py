@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxpmrg_lib import labeler
-from cxpmrg_lib.labeler import CHEXPERT_LABELS, label_report, label_reports
-from cxpmrg_lib.mesh_labels import MESH_TO_CHEXPERT, mesh_agreement, mesh_to_labels
-from cxpmrg_lib.observations import CHEXPERT_LABELS as OBS_LABELS
+from cxpmrg_lib.labels import labeler
+from cxpmrg_lib.labels.labeler import CHEXPERT_LABELS, label_report, label_reports
+from cxpmrg_lib.labels.mesh import MESH_TO_CHEXPERT, mesh_agreement, mesh_to_labels
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS as OBS_LABELS
 
 NAN = math.nan
 
@@ -216,7 +216,7 @@ def test_chexbert_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_chexbert_head_layout_and_class_mapping(tmp_path):
     torch = pytest.importorskip("torch")
-    from cxpmrg_lib.labeler_chexbert import build_chexbert, classes_to_labels, load_chexbert, predict_classes
+    from cxpmrg_lib.labels.chexbert import build_chexbert, classes_to_labels, load_chexbert, predict_classes
     torch.manual_seed(0)
     model = build_chexbert(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                            vocab_size=40, max_position_embeddings=64)
@@ -247,7 +247,7 @@ def test_chexbert_head_layout_and_class_mapping(tmp_path):
 
 def test_fill_labels_keeps_known_labels_and_fills_unknown():
     import pandas as pd
-    from cxpmrg_lib.labeler import fill_labels
+    from cxpmrg_lib.labels.labeler import fill_labels
 
     table = pd.DataFrame({"study_id": ["a", "b"], "report": ["Small left pleural effusion.", "No pneumothorax."]},
                          index=[10, 11])

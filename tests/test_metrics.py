@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from cxpmrg_lib import metrics
-from cxpmrg_lib.metrics_ce import ce_from_labels
-from cxpmrg_lib.metrics_stats import bootstrap_p_value, bootstrap_weights, percentile_ci, permutation_p_value
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.metrics.ce import ce_from_labels
+from cxpmrg_lib.metrics.stats import bootstrap_p_value, bootstrap_weights, percentile_ci, permutation_p_value
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 FINDINGS = {"cardiomegaly": "Cardiomegaly", "edema": "Edema", "effusion": "Pleural Effusion",
             "atelectasis": "Atelectasis", "pneumothorax": "Pneumothorax", "opacity": "Lung Opacity"}

@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import precision_recall_fscore_support
 
-from cxpmrg_lib.metrics_ce import (CE_KEYS, ce_from_labels, ce_from_sums, ce_per_label, ce_scores, ce_stats,
+from cxpmrg_lib.metrics.ce import (CE_KEYS, ce_from_labels, ce_from_sums, ce_per_label, ce_scores, ce_stats,
                                    headline_keys)
-from cxpmrg_lib.observations import CHEXPERT_LABELS, TOP5_LABELS
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS, TOP5_LABELS
 
 NAN = np.nan
 
@@ -135,7 +135,7 @@ def test_ce_scores_rejects_a_labeler_with_the_wrong_row_count():
 
 
 def test_default_labeler_is_the_project_labeller():
-    # labeler=None uses cxpmrg_lib.labeler.label_reports (imported only when CE is asked for)
+    # labeler=None uses cxpmrg_lib.labels.labeler.label_reports (imported only when CE is asked for)
     got = ce_scores(["Mild cardiomegaly. No pleural effusion.", "Possible left lower lobe atelectasis."],
                     ["Cardiomegaly is present.", "Left basal atelectasis."], convention="uncertain_positive")
     assert got["micro_precision"] == 1.0 and got["micro_recall"] == 1.0

@@ -9,7 +9,8 @@ import threading
 import numpy as np
 import pytest
 
-from cxpmrg_lib import metrics, metrics_nlg as nlg
+from cxpmrg_lib import metrics
+from cxpmrg_lib.metrics import nlg
 
 REFS = ["the heart is normal in size .", "no pleural effusion .",
         "there is a small left effusion and mild edema .", "lungs are clear ."]

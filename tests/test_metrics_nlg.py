@@ -8,7 +8,8 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge, my_lcs
 
-from cxpmrg_lib import metrics, metrics_nlg as nlg
+from cxpmrg_lib import metrics
+from cxpmrg_lib.metrics import nlg
 
 WORDS = ("the heart is normal in size no pleural effusion or pneumothorax mild edema left lower lobe "
          "opacity atelectasis lungs are clear . ,").split()

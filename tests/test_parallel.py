@@ -6,8 +6,8 @@ from functools import partial
 
 import pytest
 
-from cxpmrg_lib import runlock
-from cxpmrg_lib.parallel import MAX_AUTO_JOBS, Workers, call, default_jobs, map_parallel
+from cxpmrg_lib.util import runlock
+from cxpmrg_lib.util.parallel import MAX_AUTO_JOBS, Workers, call, default_jobs, map_parallel
 from cxpmrg_lib.stages.common import StageConfig, finish_run, start_run
 
 

@@ -14,7 +14,7 @@ from cxpmrg_lib.data.openi import openi_available
 from cxpmrg_lib.data.phantom import (CHEXPERT_PLUS_COLUMNS, Anatomy, Finding, StudySpec, expected_prevalence,
                                      mesh_to_findings, render_study, sample_study_spec, write_iu_phantom,
                                      write_phantom)
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 
 def tree_hash(root: Path) -> str:
@@ -243,7 +243,7 @@ def test_loads_through_the_loaders(phantom, tmp_path):
 def test_png_writer_round_trips_through_pil():
     import io
 
-    from cxpmrg_lib.data.phantom import _png_bytes
+    from cxpmrg_lib.data.phantom.writer import _png_bytes
 
     rng = np.random.default_rng(0)
     img = render_study(sample_study_spec(rng), 256, rng)
@@ -257,7 +257,7 @@ def test_png_writer_round_trips_through_pil():
 
 
 def test_segments_equal_the_brute_force_stroke():
-    from cxpmrg_lib.data.phantom_render import _bezier, _canvas
+    from cxpmrg_lib.data.phantom.render import _bezier, _canvas
 
     cv = _canvas(96)
     pts = np.concatenate([_bezier((0.6, 0.3), (0.1, 0.2), (-0.05, 0.9), 8), _bezier((-0.05, 0.9), (-0.2, 1.2), (0.3, 1.6), 6)[1:]])
@@ -278,7 +278,7 @@ def test_segments_equal_the_brute_force_stroke():
 
 
 def test_upsampling_and_positioning_match_pil():
-    from cxpmrg_lib.data.phantom_render import _affine, _affine_to, _upsample2
+    from cxpmrg_lib.data.phantom.render import _affine, _affine_to, _upsample2
 
     img = (np.random.default_rng(1).random((40, 40)) * 200).astype(np.float32)
     pil = np.asarray(Image.fromarray(img, mode="F").resize((80, 80), Image.BILINEAR))

@@ -7,7 +7,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from cxpmrg_lib import publish
+from cxpmrg_lib.chapters import publish
 from cxpmrg_lib.data.phantom import DATASET_MARKER, write_iu_phantom, write_phantom
 from cxpmrg_lib.data.openi import openi_available
 
@@ -127,7 +127,7 @@ def test_iu_phantom_is_publishable(tmp_path):
 
 def test_guarded_stage3_examples(trees, monkeypatch):
     """Notebook 03's example cell: nothing drawn or displayed from a restricted tree without the opt-in."""
-    from cxpmrg_lib import viz
+    from cxpmrg_lib.chapters import viz
 
     root = trees["restricted"]
     table = pd.read_csv(root / "df_chexpert_plus_240401.csv", dtype=str, keep_default_na=False)
@@ -165,7 +165,7 @@ def _image_cells(nb) -> set[str]:
 @pytest.mark.slow      # two notebook runs, about 15 s each on 2 cores
 @pytest.mark.parametrize("opt_in", [False, True])
 def test_data_notebook_on_restricted_tree(trees, nb_work, opt_in):
-    from cxpmrg_lib.pipeline import SMOKE_PARAMS, execute_notebook
+    from cxpmrg_lib.chapters.pipeline import SMOKE_PARAMS, execute_notebook
 
     work = nb_work
     params = dict(SMOKE_PARAMS, data_root=str(work / "data"), run_root=str(work / "runs"),

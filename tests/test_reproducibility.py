@@ -6,7 +6,7 @@ import shlex
 import pytest
 import yaml
 
-from cxpmrg_lib import reproducibility as repro
+from cxpmrg_lib.chapters import reproducibility as repro
 
 
 def _run(root, stage, h, config, summary=None, wall=None):

@@ -221,7 +221,7 @@ def test_benchmark_scan_small_run_and_missing_mambapy(monkeypatch, tmp_path):
     import json
     import sys
 
-    from cxpmrg_lib.perf_scan import MAMBAPY_INSTALL, benchmark_scan, format_scan_table
+    from cxpmrg_lib.perf.scan import MAMBAPY_INSTALL, benchmark_scan, format_scan_table
 
     result = benchmark_scan(lengths=(5,), batch=1, channels=4, state=2, repeats=2, include_mambapy=False,
                             out_json=tmp_path / "scan.json")

@@ -7,7 +7,7 @@ import pytest
 
 from cxpmrg_lib.cli import main
 from cxpmrg_lib.data.phantom import write_phantom
-from cxpmrg_lib.generate import ReportGenerator
+from cxpmrg_lib.stages.generate import ReportGenerator
 from cxpmrg_lib.stages import read_summary
 from cxpmrg_lib.stages.report import FinetuneConfig, ReportLMStageConfig, finetune_report, pretrain_report_lm
 

@@ -7,8 +7,8 @@ import torch
 
 from cxpmrg_lib.data.dataset import collate_studies
 from cxpmrg_lib.data.phantom import write_phantom
-from cxpmrg_lib.probe import probe_auroc, probe_autoregressive, probe_table
-from cxpmrg_lib.stage_data import load_split, load_studies
+from cxpmrg_lib.stages.probe import probe_auroc, probe_autoregressive, probe_table
+from cxpmrg_lib.stages.studies import load_split, load_studies
 from cxpmrg_lib.stages import (AutoregressiveConfig, autoregressive_examples, config_hash, load_autoregressive,
                                pretrain_autoregressive, read_summary)
 from cxpmrg_lib.trainer import read_metrics
@@ -112,7 +112,7 @@ def test_pretrain_contrastive_from_stage1_and_random(phantom, tmp_path):
 
 def test_cli_pretrain_contrastive_and_unfinished_stage1(phantom, tmp_path, capsys):
     from cxpmrg_lib.cli import main
-    from cxpmrg_lib.errors import RunError
+    from cxpmrg_lib.util.errors import RunError
     from cxpmrg_lib.stages import four_way_encoder
 
     runs = tmp_path / "runs"

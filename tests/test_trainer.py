@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from cxpmrg_lib.trainer import _GlobalBatchSampler  # the data-order contract callers rely on
+from cxpmrg_lib.trainer.sampler import _GlobalBatchSampler  # the data-order contract callers rely on
 from cxpmrg_lib.trainer import (TrainConfig, TrainingInterrupted, build_optimizer, latest_checkpoint,
                                 load_weights, lr_factor, optimizer_param_groups, read_metrics, save_weights,
                                 total_steps_for, train)

@@ -1,4 +1,4 @@
-"""The data layer: every source becomes one study table (see DESIGN.md), then a torch Dataset.
+"""The data layer: every source becomes one study table (see ARCHITECTURE.md), then a torch Dataset.
 
 `load_study_table(root)` is the one entry point: it recognises the folder
 (CheXpert Plus native layout or an R2Gen annotation tree) and calls its loader.
@@ -11,7 +11,7 @@ import os
 
 from cxpmrg_lib.data.check import check_tree, detect_kind, format_check, loader_options
 from cxpmrg_lib.data.chexpert_plus import load_chexpert_plus, patient_split
-from cxpmrg_lib.data.errors import DataError
+from cxpmrg_lib.util.errors import DataError
 from cxpmrg_lib.data.images import ImageLoadError, load_image
 from cxpmrg_lib.data.openi import MeshTerm, find_openi_reports, load_openi_reports, parse_mesh_term
 from cxpmrg_lib.data.r2gen import load_r2gen

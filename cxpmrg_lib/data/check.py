@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from cxpmrg_lib.progress import tqdm
+from cxpmrg_lib.util.progress import tqdm
 
-from cxpmrg_lib.data.errors import DataError
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.util.errors import DataError
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from cxpmrg_lib.progress import tqdm
+from cxpmrg_lib.util.progress import tqdm
 
-from cxpmrg_lib.data.errors import DataError
+from cxpmrg_lib.util.errors import DataError
 from cxpmrg_lib.data.table import (CHEXPERT_LABELS, RowProblems, check_on_error, check_relpath, note_dropped,
                                    validate_study_table)
 from cxpmrg_lib.data.text import clean_report, decode_text_counted

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cxpmrg_lib.data.images import ImageLoadError, load_image
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 __all__ = ["StudyDataset", "collate_studies", "make_loader"]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cxpmrg_lib.data.errors import DataError
+from cxpmrg_lib.util.errors import DataError
 
 __all__ = ["ImageLoadError", "load_image", "IMAGE_EXTENSIONS"]
 

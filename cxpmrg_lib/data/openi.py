@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxpmrg_lib.data.errors import DataError
+from cxpmrg_lib.util.errors import DataError
 from cxpmrg_lib.data.text import decode_text_counted
 
 log = logging.getLogger(__name__)

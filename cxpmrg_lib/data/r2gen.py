@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxpmrg_lib.data.errors import DataError
+from cxpmrg_lib.util.errors import DataError
 from cxpmrg_lib.data.table import CHEXPERT_LABELS, RowProblems, check_on_error, safe_join, validate_study_table
 from cxpmrg_lib.data.text import clean_report, decode_text_counted, is_blank
 

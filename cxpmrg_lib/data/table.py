@@ -1,4 +1,4 @@
-"""The study table: the one DataFrame shape every data source is turned into (DESIGN.md).
+"""The study table: the one DataFrame shape every data source is turned into (ARCHITECTURE.md).
 
 Columns (STUDY_COLUMNS): `study_id` (unique str), `image_paths` (list of str, relative
 to the dataset root, frontal first), `findings`, `impression`, `report` (the
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxpmrg_lib.data.errors import DataError
+from cxpmrg_lib.util.errors import DataError
 from cxpmrg_lib.data.text import is_blank
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 log = logging.getLogger(__name__)
 

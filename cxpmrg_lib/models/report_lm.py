@@ -25,12 +25,12 @@ from typing import Iterable
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from cxpmrg_lib.progress import tqdm
+from cxpmrg_lib.util.progress import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
-from cxpmrg_lib.fileio import atomic_dir
-from cxpmrg_lib.observations import CHEXPERT_LABELS
+from cxpmrg_lib.util.fileio import atomic_dir
+from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,8 @@ except ImportError as e:  # the module's contract: no Triton, no import
     raise ImportError(f"the Triton selective scan needs the `triton` package ({e}); "
                       "install it with `pip install -e '.[cuda]'`") from e
 
+from cxpmrg_lib.models.ssm_ref import _check_shapes
+
 __all__ = ["selective_scan_triton", "interpreter_active", "CHUNK"]
 
 logger = logging.getLogger(__name__)
@@ -332,7 +334,6 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     `return_last_state` also the final state (batch, channels, state) in float32 (no gradient flows
     through it, as in mamba_ssm).
     """
-    from cxpmrg_lib.models.ssm import _check_shapes  # lazily: ssm imports this module
 
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from cxpmrg_lib.fileio import atomic_dir
+from cxpmrg_lib.util.fileio import atomic_dir
 
 __all__ = ["TextEncoderConfig", "TextEncoder", "train_wordpiece_tokenizer", "SPECIAL_TOKENS", "POOLINGS"]
 

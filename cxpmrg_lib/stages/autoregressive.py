@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from cxpmrg_lib.presets import get_preset
-from cxpmrg_lib.stage_data import load_split
+from cxpmrg_lib.stages.studies import load_split
 from cxpmrg_lib.stages.common import StageConfig, read_summary, require_run, resolve_device, start_run, finish_run
 
 log = logging.getLogger(__name__)

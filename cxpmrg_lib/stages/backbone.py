@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxpmrg_lib.models.zoo.common import pool_views
-from cxpmrg_lib.progress import tqdm
+from cxpmrg_lib.util.progress import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def finding_targets(studies) -> torch.Tensor:
     positive or uncertain, else 0. Labels a source lacks (NaN) come from the rule labeller."""
     labels = np.asarray(studies.labels, dtype=np.float32)
     if np.isnan(labels).all(axis=1).any():
-        from cxpmrg_lib.labeler import label_reports
+        from cxpmrg_lib.labels.labeler import label_reports
 
         ruled = label_reports(list(studies.reports)).to_numpy(dtype=np.float32)
         labels = np.where(np.isnan(labels), ruled, labels)

@@ -1,22 +1,21 @@
-"""What every stage shares: its config fields, the run folder named by a hash of the config, the device."""
+"""What every stage shares: its config fields, starting and finishing its run folder (named by a hash of the
+config: cxpmrg_lib.runs), the device."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
-from cxpmrg_lib import runlock
-from cxpmrg_lib.errors import RunError
-from cxpmrg_lib.fileio import write_json, write_text
 from cxpmrg_lib.models.ssm import take_scan_impls
 from cxpmrg_lib.presets import get_preset
-from cxpmrg_lib.stage_data import DEFAULT_LOADER
+from cxpmrg_lib.runs import config_hash, read_summary, require_run, run_dir_for
+from cxpmrg_lib.stages.studies import DEFAULT_LOADER
+from cxpmrg_lib.util import runlock
+from cxpmrg_lib.util.errors import RunError
+from cxpmrg_lib.util.fileio import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +74,6 @@ class StageConfig:
                 "dataset_kind": self.dataset_kind, "loader": loader_options(kind, self.loader)}
 
 
-def config_hash(payload: dict) -> str:
-    """Twelve hex digits of the sha256 of the canonical JSON of what determines a run's result."""
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def run_dir_for(run_root: str | os.PathLike, dataset_root: str | os.PathLike, preset: str, stage: str,
-                payload: dict) -> Path:
-    dataset = Path(dataset_root).resolve().name or "dataset"
-    return Path(run_root) / dataset / preset / stage / config_hash(payload)
-
-
 def start_run(config: StageConfig, stage: str, payload: dict, label: str) -> tuple[Path, bool]:
     """(run directory, finished). A finished run (summary.json present) is reused as is; a new or
     interrupted one is held for this process (another process training it is waited for: see
@@ -121,33 +108,3 @@ def resolve_device(device: str) -> str:
     if device != "cpu" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} asked for but CUDA is not available")
     return device
-
-
-def read_summary(run_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(run_dir) / "summary.json").read_text())
-
-
-STAGE_NAMES = {"autoregressive": "stage-1 (autoregressive)", "contrastive": "stage-2 (contrastive)",
-               "report_lm": "report-LM", "finetune": "stage-3 (report generation)"}
-
-
-def require_run(run_dir: str | os.PathLike, stage: str, preset: str | None = None) -> Path:
-    """Check that `run_dir` is a finished run of `stage` (and of `preset` when given); RunError naming it if not."""
-    run_dir = Path(run_dir)
-    want = STAGE_NAMES.get(stage, stage)
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: no such run directory (expected a finished {want} run)")
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise RunError(f"{run_dir} is not a run directory of this study (no config.yaml); expected a {want} run")
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    got = (cfg.get("resolved") or {}).get("stage")
-    if got != stage:
-        raise RunError(f"{run_dir} is a {STAGE_NAMES.get(got, got)} run, not a {want} run")
-    got_preset = (cfg.get("config") or {}).get("preset")
-    if preset is not None and got_preset != preset:
-        raise RunError(f"{run_dir} was trained with preset {got_preset!r}, not {preset!r}: its weights do not fit")
-    if not (run_dir / "summary.json").exists():
-        raise RunError(f"{run_dir} is an unfinished {want} run (no summary.json): run the stage again with the "
-                       "same settings to resume it from its last checkpoint")
-    return run_dir

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from cxpmrg_lib.progress import tqdm
+from cxpmrg_lib.util.progress import tqdm
 
 from cxpmrg_lib.data.dataset import collate_studies
 from cxpmrg_lib.presets import get_preset
@@ -70,7 +70,7 @@ def pretrain_contrastive(config: ContrastiveConfig) -> Path:
     """
     from cxpmrg_lib.models.contrastive import ContrastiveModel
     from cxpmrg_lib.models.text_encoder import TextEncoder
-    from cxpmrg_lib.stage_data import load_studies
+    from cxpmrg_lib.stages.studies import load_studies
     from cxpmrg_lib.trainer import TrainConfig, train
 
     preset = get_preset(config.preset)
@@ -130,8 +130,8 @@ def pretrain_contrastive(config: ContrastiveConfig) -> Path:
 def contrastive_runs(configs: dict[str, ContrastiveConfig], jobs: int = 0) -> dict[str, Path]:
     """Several stage-2 runs (02_contrastive's stage-1 and random inits): name -> run directory.
     Stage 1 is trained first, here, when a run needs it; then the runs train side by side in
-    `jobs` worker processes (cxpmrg_lib.parallel; 0: automatic)."""
-    from cxpmrg_lib.parallel import map_parallel
+    `jobs` worker processes (cxpmrg_lib.util.parallel; 0: automatic)."""
+    from cxpmrg_lib.util.parallel import map_parallel
 
     for config in configs.values():
         if config.init == "stage1":
@@ -145,7 +145,7 @@ def contrastive_runs(configs: dict[str, ContrastiveConfig], jobs: int = 0) -> di
 def contrastive_embeddings(model, dataset_root, split: str = "val", kind: str = "auto", loader: dict | None = None,
                            max_images: int = 2, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, "object"]:
     """(image embeddings, report embeddings, study table) of one split, in eval mode."""
-    from cxpmrg_lib.stage_data import load_studies
+    from cxpmrg_lib.stages.studies import load_studies
 
     size = model.image_encoder.config.image_size
     studies, table = load_studies(dataset_root, size, split, kind, None, loader, max_images)

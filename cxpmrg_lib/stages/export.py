@@ -25,7 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
-from cxpmrg_lib.fileio import atomic_dir
+from cxpmrg_lib.util.fileio import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def _project_lm(lm_dir: Path) -> bool:
 
 
 def _data_facts(dataset_root: str, dataset_kind: str) -> dict:
-    # The dataset's name and licence; the publishing rules own those facts (publish.py reads only data/).
-    from cxpmrg_lib.publish import policy
+    # The dataset's name and licence; the publishing rules own those facts (data/licence.py).
+    from cxpmrg_lib.data.licence import policy
 
     pol = policy(dataset_root, dataset_kind)
     return {"name": pol.name, "licence": pol.licence, "redistributable": pol.redistributable,
@@ -110,7 +110,7 @@ def model_card(config: dict, summary: dict, run_config: dict, data: dict, lm_inc
               "## How to load",
               "",
               "```python",
-              "from cxpmrg_lib.generate import ReportGenerator",
+              "from cxpmrg_lib.stages.generate import ReportGenerator",
               "generator = ReportGenerator.from_pretrained(\"path/to/this/folder\")     # offline, CPU",
               "print(generator.generate([\"frontal.png\", \"lateral.png\"]))",
               "```",
@@ -145,14 +145,12 @@ def _split_words(run_config: dict) -> str:
 def export_generator(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                      overwrite: bool = True) -> Path:
     """Write a finished stage-3 run's shareable folder (default `<run_dir>/export`); returns it."""
-    import yaml
-
-    from cxpmrg_lib.stages.common import read_summary, require_run
+    from cxpmrg_lib.runs import read_config, read_summary, require_run
 
     run_dir = require_run(run_dir, "finetune")
     out = Path(out_dir) if out_dir is not None else run_dir / "export"
     generator = json.loads((run_dir / "generator.json").read_text())
-    run_config = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("config") or {}
+    run_config = read_config(run_dir).get("config") or {}
     summary = read_summary(run_dir)
     weights = run_dir / "best" if (run_dir / "best" / "model.safetensors").exists() else run_dir / "model"
     lm_dir = Path(generator["lm_dir"])

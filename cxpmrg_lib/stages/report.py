@@ -23,10 +23,11 @@ import torch
 from torch.utils.data import Dataset
 
 from cxpmrg_lib.data.dataset import collate_studies
-from cxpmrg_lib.fileio import atomic_path, write_json
+from cxpmrg_lib.util.fileio import atomic_path, write_json
 from cxpmrg_lib.presets import PROJECTION_LR, VALIDATIONS, get_preset
-from cxpmrg_lib.stage_data import load_studies, split_table
+from cxpmrg_lib.stages.studies import load_studies, split_table
 from cxpmrg_lib.stages.common import RunError, StageConfig, read_summary, require_run, resolve_device, start_run, finish_run
+from cxpmrg_lib.stages.decoding import generate_reports
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def pretrain_report_lm(config: ReportLMStageConfig) -> Path:
     wrapper = VisualPrefixLM(lm, tokenizer, visual_dim=1, freeze_lm=False)
     phrases = None
     if config.conditioning == "findings":
-        from cxpmrg_lib.labeler import fill_labels
+        from cxpmrg_lib.labels.labeler import fill_labels
         from cxpmrg_lib.models.report_lm import condition_phrases
 
         labelled = fill_labels(table)
@@ -333,8 +334,8 @@ def finetune_runs(configs: dict[str, FinetuneConfig], jobs: int = 0) -> dict[str
     """Several stage-3 runs (03_finetune's three inits): name -> run directory.
 
     What they share (the report LM, the earlier stages) is trained first, here; then the runs
-    train side by side in `jobs` worker processes (cxpmrg_lib.parallel; 0: automatic)."""
-    from cxpmrg_lib.parallel import map_parallel
+    train side by side in `jobs` worker processes (cxpmrg_lib.util.parallel; 0: automatic)."""
+    from cxpmrg_lib.util.parallel import map_parallel
 
     for config in configs.values():
         for call in prerequisites(config):
@@ -353,8 +354,8 @@ def validation_fn(val, decoding: dict):
     the book: the share of distinct reports and, per observation, the share of reports the
     labeller reads as positive (`pos:<label>`) beside the references' share (`ref:<label>`)."""
     from cxpmrg_lib.metrics import report_scores
-    from cxpmrg_lib.labeler import label_reports
-    from cxpmrg_lib.observations import CHEXPERT_LABELS
+    from cxpmrg_lib.labels.labeler import label_reports
+    from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
     references = list(val.reports)
     ref_rates = (label_reports(references)[CHEXPERT_LABELS] == 1.0).mean()
@@ -373,8 +374,8 @@ def validation_fn(val, decoding: dict):
 
 def decoding_sweep(config: FinetuneConfig, run_dir: str | os.PathLike, grid: dict | None = None):
     """A finished stage-3 run's validation BLEU-4, CE-F1 and distinct-report share under every decoding
-    setting of `grid` (diagnostics.SWEEP_GRID by default): how much of a collapse decoding explains."""
-    from cxpmrg_lib.diagnostics import SWEEP_GRID, decoding_sweep as sweep
+    setting of `grid` (decoding.SWEEP_GRID by default): how much of a collapse decoding explains."""
+    from cxpmrg_lib.stages.decoding import SWEEP_GRID, decoding_sweep as sweep
 
     model = load_report_model(run_dir)
     val, _ = load_studies(config.dataset_root, model.image_size, "val", config.dataset_kind, config.val_studies,
@@ -402,7 +403,7 @@ def _test_predictions(model, config: FinetuneConfig, run_dir: Path) -> dict:
     """Generate for the test split with the default decoding; write predictions_test.csv and its metrics."""
     import time
 
-    from cxpmrg_lib.evaluate import evaluate_file
+    from cxpmrg_lib.metrics.evaluate import evaluate_file
 
     size = model.encoder.config.image_size
     test, table = load_studies(config.dataset_root, size, "test", config.dataset_kind, config.test_studies,
@@ -418,19 +419,6 @@ def _test_predictions(model, config: FinetuneConfig, run_dir: Path) -> dict:
     evaluation = evaluate_file(path, n_boot=1000, seed=config.seed)
     return {"test_config": _test_config(config), "test_studies": len(frame), "generation_s": seconds, "reports_per_s": len(frame) / max(seconds, 1e-9),
             "test_metrics": evaluation["metrics"], "test_ci": evaluation.get("ci")}
-
-
-@torch.no_grad()
-def generate_reports(model, studies, batch_size: int = 16, **decoding) -> list[str]:
-    """Reports for every study of a dataset (items as StudyTensorDataset's), in order."""
-    from cxpmrg_lib.progress import tqdm
-
-    device = next(p for p in model.parameters()).device
-    out: list[str] = []
-    for start in tqdm(range(0, len(studies), batch_size), desc="generate", unit="batch", leave=False):
-        batch = collate_studies([studies[i] for i in range(start, min(start + batch_size, len(studies)))])
-        out += model.generate(batch["image"].to(device), batch["image_mask"].to(device), **decoding)
-    return out
 
 
 def load_report_model(run_dir: str | os.PathLike):
@@ -461,8 +449,8 @@ def report_examples(run_dir: str | os.PathLike, dataset_root, kind: str = "auto"
                     n: int = 10, seed: int = 0) -> pd.DataFrame:
     """`n` seeded test studies of a stage-3 run: first image path, reference, generated report and the
     labeller's positive findings of each (what CE scores)."""
-    from cxpmrg_lib.labeler import label_reports
-    from cxpmrg_lib.observations import CHEXPERT_LABELS
+    from cxpmrg_lib.labels.labeler import label_reports
+    from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
     preds = pd.read_csv(Path(run_dir) / "predictions_test.csv", dtype={"study_id": str}, keep_default_na=False)
     table = split_table(dataset_root, "test", kind, None, loader).astype({"study_id": str})
@@ -484,7 +472,7 @@ def compare_runs(runs: dict, reference: str, keys=("bleu4", "ce_f1"), n_boot: in
     """Paired bootstrap test of the `reference` run's test predictions against each other run's, on
     the same test studies: per run and metric the difference (reference - other) with its 95% CI and
     the two-sided p-value. `runs` maps names to finished stage-3 run directories."""
-    from cxpmrg_lib.evaluate import evaluate_file
+    from cxpmrg_lib.metrics.evaluate import evaluate_file
 
     ref = Path(runs[reference]) / "predictions_test.csv"
     rows = []

@@ -1,0 +1,37 @@
+"""The benchmark (CXPMRG-Bench here): every report generator through one protocol.
+
+The protocol, the same for every system:
+
+* data: the dataset's train / val / test split (the 70/10/20 patient split on CheXpert Plus
+  trees; R2Gen trees keep theirs), reports as the data layer cleans them, up to two views per
+  study averaged by each model;
+* training budget: every trained system gets the preset's stage-3 budget (epochs, batch size,
+  peak learning rate, warm-up and cosine schedule, seed) and the same checkpoint selection
+  (BLEU-4 + CE-F1 of greedy reports on the first validation studies, after every epoch);
+* decoding: beam size, repetition penalty and no-repeat n-gram size of stage 3, lengths 0.5x-1.5x
+  the typical training report, for every system that decodes;
+* scoring: the metric suite on the whole test split (NLG, CE under the R2Gen convention) with
+  bootstrap CIs, and a paired bootstrap test of each system against the reference system
+  (MambaXray-VL) on the same studies;
+* cost: training minutes, trainable and total parameters, generation reports/s and the peak
+  memory of generation, measured the same way for all.
+
+`run_bench(BenchConfig(...))` writes `<run_root>/<dataset>/<preset>/bench/results.csv` (a row per
+system, appended as each finishes; a rerun skips the finished ones) and `predictions/<system>.csv`
+(study_id, reference, prediction), which `cxpmrg evaluate` reads.
+
+Modules, from the bottom up: systems (the System records), config (the protocol, BenchConfig), training
+(what every runner shares), runners (how each kind of system is run), run (`run_bench`), tables (the
+results as the book shows them).
+"""
+from cxpmrg_lib.bench.config import (BACKBONE_PRETRAINING, SMOKE_BUDGET, SMOKE_SECOND_SYSTEMS, SMOKE_SYSTEMS,
+                                     BenchConfig, bench_dir, for_dataset, notebook_config)
+from cxpmrg_lib.bench.run import read_results, run_bench
+from cxpmrg_lib.bench.systems import DEFAULT_SYSTEMS, FROM_SCRATCH_LR, REFERENCE, SYSTEMS, System
+from cxpmrg_lib.bench.tables import (backbone_steps_table, encoder_spread, pairwise_pvalues, per_label_f1,
+                                     plain_summary, ranked_table, report_diversity)
+
+__all__ = ["backbone_steps_table", "encoder_spread", "SYSTEMS", "DEFAULT_SYSTEMS", "SMOKE_SYSTEMS", "notebook_config",
+           "for_dataset", "FROM_SCRATCH_LR", "System", "BenchConfig", "run_bench", "bench_dir", "read_results",
+           "ranked_table", "per_label_f1", "pairwise_pvalues", "plain_summary", "report_diversity", "REFERENCE",
+           "BACKBONE_PRETRAINING", "SMOKE_BUDGET", "SMOKE_SECOND_SYSTEMS"]

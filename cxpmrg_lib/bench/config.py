@@ -1,0 +1,114 @@
+"""The benchmark's protocol (BenchConfig: the shared budget, decoding and scoring), the notebooks' configs
+(the default and the smoke run) and where a benchmark keeps its rows."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxpmrg_lib.bench.systems import SYSTEMS
+from cxpmrg_lib.presets import PROJECTION_LR
+from cxpmrg_lib.runs import dataset_dir
+from cxpmrg_lib.stages.common import StageConfig
+
+
+BACKBONE_PRETRAINING = ("labels", "contrastive", "none")
+
+
+@dataclass
+class BenchConfig(StageConfig):
+    """The benchmark's settings (StageConfig's fields: data, preset, folders, training budget overrides)."""
+    systems: list[str] | None = None     # slugs, run in this order (the reference first); None: DEFAULT_SYSTEMS
+    val_studies: int = 64
+    test_studies: int | None = None      # None: the whole test split
+    num_beams: int = 3
+    repetition_penalty: float = 2.0
+    no_repeat_ngram_size: int = 3
+    max_words: int = 100                 # report words the word-level systems supervise (R2Gen's MIMIC setting)
+    min_word_count: int = 3              # a word enters their vocabulary when seen this often in training
+    lm_epochs: float = 0                 # the LM swap: epochs of each fresh LM; 0: the budget of MambaXray-VL's LM
+    speed_studies: int = 32              # generation reports/s and peak memory: measured on this many test studies
+    redo: list[str] = field(default_factory=list)   # systems to train and score again (their cached run is deleted)
+    jobs: int = 0                        # worker processes (cxpmrg_lib.util.parallel); 0: one per core on cpu, 1 on cuda
+    n_boot: int = 1000
+    earlier_epochs: float | None = None  # MambaXray-VL's earlier stages when they must be trained (smoke runs)
+    checkpoint_every: int = 200
+    projection_lr: float | None = PROJECTION_LR   # the frozen-LM systems' projection; None: the system's lr
+    # The stand-in for the ImageNet backbones the from-scratch systems' papers start from (stages.backbone):
+    # "labels" trains each such backbone to predict the training reports' findings first, "contrastive" with
+    # stage 2's image-report loss; "none": from scratch (the old protocol)
+    backbone_pretraining: str = "labels"
+    backbone_steps: int = 300
+
+    preset_defaults = "stage3"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.backbone_pretraining not in BACKBONE_PRETRAINING:
+            raise ValueError(f"backbone_pretraining must be one of {BACKBONE_PRETRAINING}, "
+                             f"not {self.backbone_pretraining!r}")
+        unknown = [s for s in list(self.systems or []) + list(self.redo) if s not in SYSTEMS]
+        if unknown:
+            raise ValueError(f"unknown system(s) {unknown}; known: {list(SYSTEMS)}")
+
+    def decoding(self) -> dict:
+        return {"num_beams": self.num_beams, "repetition_penalty": self.repetition_penalty,
+                "no_repeat_ngram_size": self.no_repeat_ngram_size}
+
+    def protocol(self) -> dict:
+        """What makes two rows comparable: a row measured under another protocol is redone."""
+        return {**self.payload("bench"), "train": self.train_settings(), "val_studies": self.val_studies,
+                "test_studies": self.test_studies, "decoding": self.decoding(), "max_words": self.max_words,
+                "min_word_count": self.min_word_count, "lm_epochs": self.lm_epochs, "n_boot": self.n_boot,
+                "earlier_epochs": self.earlier_epochs,
+                **({"projection_lr": self.projection_lr} if self.projection_lr is not None else {}),
+                **({"backbone": {"pretraining": self.backbone_pretraining, "steps": self.backbone_steps}}
+                   if self.backbone_pretraining != "none" else {})}
+
+
+# The smoke run of the book (tests): a few systems, a few steps; 04_benchmark and 06_explore share it.
+SMOKE_SYSTEMS = ["mambaxray-vl", "most-common", "transformer", "r2gen", "lm-gpt2"]
+SMOKE_BUDGET = dict(epochs=1, val_studies=8, test_studies=16, earlier_epochs=1, n_boot=100, speed_studies=4,
+                    lm_epochs=1, backbone_steps=4)
+
+
+def _slugs(systems: str | list | None) -> list[str]:
+    return [s.strip() for s in systems.split(",") if s.strip()] if isinstance(systems, str) else list(systems or [])
+
+
+def notebook_config(dataset_root: str, dataset_kind: str = "auto", loader: dict | None = None, preset: str = "tiny",
+                    run_root: str = "runs", seed: int = 0, device: str = "cpu", systems: str | list | None = "",
+                    epochs: float = 0, lm_epochs: float = 0, smoke: bool = False, jobs: int = 0,
+                    backbone_pretraining: str = "labels") -> BenchConfig:
+    """The benchmark of the notebooks' parameters (04_benchmark runs it, 06_explore reads the same folder).
+    `systems`: comma-separated slugs or a list; empty: the default list (the smoke list in a smoke run)."""
+    chosen = _slugs(systems)
+    if smoke and not chosen:
+        chosen = list(SMOKE_SYSTEMS)
+    budget = {"lm_epochs": lm_epochs, **({"epochs": epochs} if epochs else {}), **(SMOKE_BUDGET if smoke else {})}
+    return BenchConfig(dataset_root=dataset_root, dataset_kind=dataset_kind, preset=preset, run_root=run_root,
+                       seed=seed, device=device, loader=loader or {}, systems=chosen or None, jobs=jobs,
+                       backbone_pretraining=backbone_pretraining, **budget)
+
+
+# The smoke run's systems on a second dataset (the iu-phantom of 04_benchmark).
+SMOKE_SECOND_SYSTEMS = ["most-common", "r2gen"]
+
+
+def for_dataset(config: BenchConfig, dataset_root: str, dataset_kind: str = "auto", systems: str | list | None = "",
+                smoke: bool = False, jobs: int = 1) -> BenchConfig:
+    """The same protocol and budget on another dataset (04_benchmark's iu-phantom), with its own
+    systems (empty: the default list; in a smoke run SMOKE_SECOND_SYSTEMS).
+
+    `jobs` is 1 by default: on a new dataset most of the work is MambaXray-VL's chain of stages
+    (1, then 2, then 3), which waits for itself; in a worker with half the cores it ran about twice
+    as slowly (iu-phantom: 9 minutes against 5 in one process)."""
+    from dataclasses import replace
+
+    chosen = list(SMOKE_SECOND_SYSTEMS) if smoke else _slugs(systems)
+    loader = {} if dataset_kind == "r2gen" else config.loader
+    return replace(config, dataset_root=dataset_root, dataset_kind=dataset_kind, loader=loader,
+                   systems=chosen or None, redo=[], jobs=jobs)
+
+
+def bench_dir(config: BenchConfig) -> Path:
+    return dataset_dir(config.run_root, config.dataset_root, config.preset) / "bench"

@@ -1,0 +1,199 @@
+"""Running the benchmark: each asked-for system trained (or reused) in worker processes, its speed measured,
+its reports scored against the reference's, and its row appended to results.csv."""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxpmrg_lib.bench.config import BenchConfig, bench_dir
+from cxpmrg_lib.bench.runners import RUNNERS, _FeatureSet, _mamba_config, _stage2_tokens
+from cxpmrg_lib.bench.systems import DEFAULT_SYSTEMS, REFERENCE, SYSTEMS, System
+from cxpmrg_lib.bench.training import _Data, _Fitted, _lm_epochs, _load_data, _report_lm_call, _stage2_call
+from cxpmrg_lib.runs import config_hash
+from cxpmrg_lib.util.fileio import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """results.csv of a benchmark folder (or the file itself)."""
+    path = Path(path)
+    table = pd.read_csv(path / "results.csv" if path.is_dir() else path)
+    if "threads" not in table:            # rows written before the benchmark ran in workers
+        table["threads"] = np.nan
+    return table
+
+
+def _speed(fitted: _Fitted, system: System, config: BenchConfig, data: _Data) -> dict:
+    """Generation reports/s and peak extra memory on the first `speed_studies` test studies."""
+    from cxpmrg_lib.perf.report import PeakMemory
+
+    n = min(config.speed_studies, len(data.test))
+    if fitted.model is None:                # a constant report: nothing to run
+        return {"reports_per_s": math.nan, "peak_mib": 0.0}
+    if system.kind == "lm_swap":
+        studies = _FeatureSet(_stage2_tokens(config, data)["test"][:n], list(data.test.reports[:n]))
+    else:
+        studies = torch.utils.data.Subset(data.test, range(n))
+    from cxpmrg_lib.stages.report import generate_reports
+
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        generate_reports(fitted.model.eval(), studies, batch_size=16, **config.decoding())
+        seconds = time.perf_counter() - t0
+    return {"reports_per_s": n / seconds, "peak_mib": mem.extra_mib}
+
+
+def _score(pred_path: Path, reference_path: Path | None, config: BenchConfig) -> dict:
+    from cxpmrg_lib.metrics.evaluate import evaluate_file
+
+    against = reference_path if reference_path is not None and reference_path != pred_path else None
+    result = evaluate_file(pred_path, against=against, n_boot=config.n_boot, seed=config.seed)
+    row = {}
+    for k, v in result["metrics"].items():
+        lo, hi = (result.get("ci") or {}).get(k) or (math.nan, math.nan)
+        row.update({k: v, f"{k}_lo": lo, f"{k}_hi": hi})
+    if result.get("against"):
+        for k, t in result["against"]["paired"].items():
+            row[f"p_{k}"] = t["p_value"]
+    return row
+
+
+def _row_hash(protocol: dict, system: System) -> str:
+    """A row is redone when the shared protocol or the system's own settings change."""
+    return config_hash({**protocol, "system": system.slug, "options": dict(system.options)})
+
+
+def _append_row(path: Path, row: dict) -> pd.DataFrame:
+    table = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    if not table.empty:
+        table = table[table["system"] != row["system"]]
+    table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+    order = {slug: i for i, slug in enumerate(SYSTEMS)} | {REFERENCE: -1}   # a redone row keeps its place
+    table = table.sort_values("system", key=lambda col: col.map(order).fillna(len(order)), kind="stable")
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+    return table
+
+
+_DATA: dict[str, _Data] = {}
+
+
+def _data_for(config: BenchConfig) -> _Data:
+    """The benchmark's studies, decoded once per process (a worker keeps them for its next rows)."""
+    key = config_hash(config.protocol())
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = _load_data(config)
+    return _DATA[key]
+
+
+def _fit_row(config: BenchConfig, slug: str) -> dict:
+    """Train (or reuse) one system and write its test predictions; its row without the scores.
+    A job of its own: run_bench may run several in worker processes."""
+    data = _data_for(config)
+    out, system, protocol = bench_dir(config), SYSTEMS[slug], config.protocol()
+    run_dir = out / slug / _row_hash(protocol, system)
+    if slug in config.redo and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("benchmark: %s", system.name)
+    t0 = time.perf_counter()
+    fitted = RUNNERS[system.kind](system, config, data, run_dir)
+    frame = pd.DataFrame({"study_id": [str(s) for s in data.test.study_ids],
+                          "reference": list(data.test.reports), "prediction": fitted.predictions})
+    with atomic_path(out / "predictions" / f"{slug}.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    row = {"system": slug, "name": system.name, "family": system.family, "paper": system.paper,
+           "protocol": _row_hash(protocol, system), "n_test": len(frame)}
+    measured = _speed(fitted, system, config, data)
+    measured.update({"train_min": fitted.train_s / 60, "pretrain_min": fitted.pretrain_s / 60,
+                     "trainable_m": fitted.trainable / 1e6, "total_m": fitted.total / 1e6,
+                     "wall_min": (time.perf_counter() - t0) / 60, "threads": torch.get_num_threads(),
+                     "run_dir": fitted.run_dir, "note": fitted.note})
+    return {"row": row, "measured": measured}
+
+
+def _earlier_runs(config: BenchConfig, slugs: list[str]) -> tuple[list, list[str]]:
+    """The earlier-stage runs (stages 1-2, report LMs) the systems need, each once, as calls and labels:
+    trained as a first wave, so that no row waits for another row to train what both need."""
+    from cxpmrg_lib.stages.report import prerequisites
+
+    calls: dict[str, tuple] = {}
+
+    def add(call, label: str) -> None:        # one entry per run: the stage function and its config
+        calls.setdefault(f"{call.func.__qualname__}{call.args!r}", (call, label))
+
+    for slug in slugs:
+        kind, options = SYSTEMS[slug].kind, dict(SYSTEMS[slug].options)
+        if kind == "mamba":
+            for call in prerequisites(_mamba_config(SYSTEMS[slug], config)):
+                add(call, f"{call.func.__name__} for {SYSTEMS[slug].name}")
+        if kind in ("nearest", "lm_swap"):
+            add(_stage2_call(config), "stage 2")
+        if kind == "r2gengpt":
+            add(_report_lm_call(config, epochs=config.earlier_epochs), "report LM (llama)")
+        if kind in ("lm_swap", "cvt2gpt2"):
+            arch = options.get("arch", "gpt2")
+            add(_report_lm_call(config, arch, epochs=_lm_epochs(config)), f"report LM ({arch})")
+    return [c for c, _ in calls.values()], [label for _, label in calls.values()]
+
+
+def run_bench(config: BenchConfig) -> Path:
+    """Run every asked-for system not yet in results.csv under this protocol; returns the bench folder.
+
+    Systems train side by side in `config.jobs` worker processes (see cxpmrg_lib.util.parallel); each
+    row is scored here and appended to results.csv as soon as it and the reference are done."""
+    from functools import partial
+
+    from cxpmrg_lib.util.parallel import Workers, call
+
+    slugs = list(config.systems or DEFAULT_SYSTEMS)
+    out = bench_dir(config)
+    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    protocol = config.protocol()
+    phash = config_hash(protocol)
+    write_json(out / f"protocol_{phash}.json", protocol)
+    results = out / "results.csv"
+    done = read_results(results) if results.exists() else pd.DataFrame(columns=["system", "protocol"])
+    have = dict(zip(done["system"], done["protocol"])) if "protocol" in done else {}
+    todo = [s for s in slugs if have.get(s) != _row_hash(protocol, SYSTEMS[s]) or s in config.redo]
+    if not todo:
+        log.info("benchmark: all %d systems already in %s", len(slugs), results)
+        return out
+    todo.sort(key=lambda s: (s != REFERENCE, SYSTEMS[s].order))
+    ref_path = out / "predictions" / f"{REFERENCE}.csv"
+    waiting: list[dict] = []        # rows done before the reference they are tested against
+    reference_pending = REFERENCE in todo
+
+    def finish(job: dict) -> None:
+        pred_path = out / "predictions" / f"{job['row']['system']}.csv"
+        row = {**job["row"], **_score(pred_path, ref_path if ref_path.exists() else None, config),
+               **job["measured"]}
+        _append_row(results, row)
+        log.info("benchmark: %s done: BLEU-4 %.3f, CE-F1 %.3f", row["name"], row["bleu4"], row["ce_f1"])
+
+    try:
+        with Workers(config.jobs, config.device, tasks=len(todo)) as workers:
+            calls, labels = _earlier_runs(config, todo)
+            for _ in workers.run(call, calls, labels, desc="earlier stages"):
+                pass
+            for _, job in workers.run(partial(_fit_row, config), todo, [SYSTEMS[s].name for s in todo],
+                                      desc="benchmark"):
+                if reference_pending and job["row"]["system"] != REFERENCE:
+                    waiting.append(job)
+                    continue
+                reference_pending = False
+                for ready in [job] + waiting:
+                    finish(ready)
+                waiting.clear()
+    finally:
+        _DATA.clear()
+    return out

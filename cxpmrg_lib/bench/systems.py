@@ -1,0 +1,73 @@
+"""The systems of the benchmark: one System record each (name, family, paper, its runner by `kind`, its
+place in the submission order), the table of them, the default list and the reference every row is
+tested against."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class System:
+    slug: str            # the name on the command line and of the predictions file
+    name: str            # the row label in tables
+    family: str          # floor | encoder-decoder | frozen LM | MambaXray-VL | LM swap
+    kind: str            # how it is run (see runners.RUNNERS)
+    paper: str           # the original paper, cited in the book
+    options: tuple = ()  # (key, value) pairs for the runner
+
+    @property
+    def order(self) -> int:
+        """Its place in the submission order (run_bench): lower first."""
+        return ORDER.get(self.kind, 1)
+
+
+_MAMBA = "Wang et al., CXPMRG-Bench (MambaXray-VL), CVPR 2025"
+# Peak learning rate of the systems whose networks start from scratch (word-level encoder-decoders, the
+# R2GenGPT-style ViT): the stage-3 rate (3e-4, for fine-tuning pre-trained parts) leaves a Transformer
+# decoder far from converged in the shared budget (loss 1.94 vs 1.13 after 128 steps in a check).
+FROM_SCRATCH_LR = 1e-3
+SYSTEMS: dict[str, System] = {s.slug: s for s in [
+    System("most-common", "Most common report", "floor", "most_common", "-"),
+    System("nearest-neighbour", "Nearest neighbour (stage-2 embedding)", "floor", "nearest", "-"),
+    System("transformer", "Transformer (CNN + encoder-decoder)", "encoder-decoder", "zoo",
+           "Vaswani et al., NeurIPS 2017; the base model of Chen et al., EMNLP 2020",
+           (("model", "transformer"), ("lr", FROM_SCRATCH_LR))),
+    System("r2gen", "R2Gen", "encoder-decoder", "zoo", "Chen et al., EMNLP 2020",
+           (("model", "r2gen"), ("lr", FROM_SCRATCH_LR))),
+    System("r2gencmn", "R2GenCMN", "encoder-decoder", "zoo", "Chen et al., ACL 2021",
+           (("model", "cmn"), ("lr", FROM_SCRATCH_LR))),
+    System("cvt2gpt2", "CvT2DistilGPT2-style (conv ViT + GPT-2)", "encoder-decoder", "cvt2gpt2",
+           "Nicolson et al., Artificial Intelligence in Medicine 2023"),
+    System("r2gengpt", "R2GenGPT-style (conv ViT + frozen LM)", "frozen LM", "r2gengpt", "Wang et al., Meta-Radiology 2023",
+           (("lr", FROM_SCRATCH_LR),)),
+    System("mambaxray-vl", "MambaXray-VL", "MambaXray-VL", "mamba", _MAMBA, (("init", "stage2"),)),
+    System("mambaxray-vl-no-stage1", "MambaXray-VL w/o stage 1", "MambaXray-VL", "mamba", _MAMBA,
+           (("init", "stage2_random"),)),
+    System("mambaxray-vl-no-stage2", "MambaXray-VL w/o stage 2", "MambaXray-VL", "mamba", _MAMBA,
+           (("init", "stage1"),)),
+    System("mambaxray-vl-no-pretraining", "MambaXray-VL w/o stages 1-2", "MambaXray-VL", "mamba", _MAMBA,
+           (("init", "random"),)),
+    # Not the paper's: MambaXray-VL whose stage-2 encoder also gets the from-scratch systems' backbone step, so
+    # that the comparison with them holds the supervision equal (the architecture and stages 1-2 on top of it)
+    System("mambaxray-vl-label-step", "MambaXray-VL + backbone label step", "MambaXray-VL", "mamba", _MAMBA,
+           (("init", "stage2"), ("encoder_pretraining", "labels"))),
+    System("lm-llama", "LM swap: Llama", "LM swap", "lm_swap", "Touvron et al., 2023 (Llama 2)", (("arch", "llama"),)),
+    System("lm-qwen2", "LM swap: Qwen2", "LM swap", "lm_swap", "Yang et al., 2024 (Qwen2)", (("arch", "qwen2"),)),
+    System("lm-gpt2", "LM swap: GPT-2", "LM swap", "lm_swap", "Radford et al., 2019 (GPT-2)", (("arch", "gpt2"),)),
+    System("lm-phi", "LM swap: Phi", "LM swap", "lm_swap", "Li et al., 2023 (Phi-1.5)", (("arch", "phi"),)),
+    System("lm-mistral", "LM swap: Mistral", "LM swap", "lm_swap", "Jiang et al., 2023 (Mistral 7B)",
+           (("arch", "mistral"),)),
+]}
+# The default benchmark (make book). The LM swap's default pair is Llama (MambaXray-VL's LM) and GPT-2 (whose
+# report LM the CvT2DistilGPT2-style system starts from, so it costs no extra LM); lm-qwen2, lm-phi and
+# lm-mistral (a Llama with sliding-window attention) are there on request: about 2.5 minutes each on 2 cores,
+# which the 45-minute book could not afford.
+DEFAULT_SYSTEMS = ["mambaxray-vl", "most-common", "nearest-neighbour", "transformer", "r2gen", "r2gencmn",
+                   "cvt2gpt2", "r2gengpt", "mambaxray-vl-no-stage1", "mambaxray-vl-no-stage2", "mambaxray-vl-no-pretraining",
+                   "lm-llama", "lm-gpt2"]
+REFERENCE = "mambaxray-vl"
+
+
+# Submission order of the rows: MambaXray-VL first (every row is tested against it), then the longest
+# trainings, so that with several workers no long job starts last while the others stand idle.
+ORDER = {"mamba": 0, "zoo": 1, "cvt2gpt2": 1, "r2gengpt": 1, "lm_swap": 2, "nearest": 3, "most_common": 3}
