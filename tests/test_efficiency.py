@@ -190,8 +190,9 @@ def test_notebook_runs_alone_on_an_empty_run_root_and_says_what_to_run_first(tmp
     assert "pytorch vs reference" in text and "mamba 4-way" in text
     assert "USDT" not in text                                        # the profiler's native log stays out of the book
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2   # the scan and encoder figures
-    assert not (tmp_path / "data").exists()                          # nothing generated, nothing trained
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "data").exists()                          # nothing generated, nothing trained:
+    runs = tmp_path / "runs"                                         # the run root holds the chapter's log only
+    assert sorted(str(p.relative_to(runs)) for p in runs.rglob("*")) == ["logs", "logs/05_efficiency.log"]
 
 
 def test_side_by_side_view_reads_make_bench_json(tmp_path):

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from cxpmrg_lib.data.images import ImageLoadError, load_image
 from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
-__all__ = ["StudyDataset", "collate_studies", "make_loader"]
+__all__ = ["StudyDataset", "collate_studies", "make_loader", "seed_worker"]
 
 
 class StudyDataset(Dataset):
@@ -125,8 +125,9 @@ def collate_studies(batch: list[dict]) -> dict:
     return out
 
 
-def _worker_init(worker_id: int) -> None:
-    # One thread per worker: the workers are the parallelism; torch threads would only fight them.
+def seed_worker(worker_id: int) -> None:
+    """A DataLoader worker's set-up: one torch thread (the workers are the parallelism; threads inside
+    them would only fight them) and numpy's and random's seeds from torch's per-worker seed."""
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2 ** 32
     np.random.seed(seed)
@@ -145,5 +146,5 @@ def make_loader(df: pd.DataFrame, root: str | os.PathLike, image_size: int = 128
     g.manual_seed(int(seed))
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       collate_fn=collate_studies, generator=g, drop_last=drop_last,
-                      worker_init_fn=_worker_init if num_workers > 0 else None,
+                      worker_init_fn=seed_worker if num_workers > 0 else None,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)

@@ -17,13 +17,14 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import send_to_device, set_seed
 
+from cxpmrg_lib.data.dataset import seed_worker
 from cxpmrg_lib.util.progress import tqdm
 from cxpmrg_lib.util.fileio import atomic_dir, write_json
 from cxpmrg_lib.trainer.checkpoint import _RunFiles, _finished_result, latest_checkpoint, save_weights
 from cxpmrg_lib.trainer.config import SUMMARY_NAME, TrainConfig, TrainResult, TrainingInterrupted
 from cxpmrg_lib.trainer.dist import _Dist, _signal_flag
 from cxpmrg_lib.trainer.optim import _warmup_for, build_optimizer, lr_factor, total_steps_for
-from cxpmrg_lib.trainer.sampler import _GlobalBatchSampler, _default_batch_size, _worker_init
+from cxpmrg_lib.trainer.sampler import _GlobalBatchSampler, _default_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class _Run(_RunFiles):
         pin = self.device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=self.collate_fn, num_workers=cfg.num_workers,
-            pin_memory=pin, worker_init_fn=_worker_init if cfg.num_workers else None,
+            pin_memory=pin, worker_init_fn=seed_worker if cfg.num_workers else None,
             persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
         if self.dist.main:
             log.info("%s: %d steps (%d done), global batch %d x %d accumulation on %d process(es), %s, "

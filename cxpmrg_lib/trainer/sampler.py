@@ -3,7 +3,6 @@ so a resumed run and a run on P processes see the batches of one uninterrupted 1
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Mapping
 from typing import Any, Iterator
 
@@ -51,13 +50,6 @@ class _GlobalBatchSampler:
             part = len(batch) // self.world
             yield batch[self.rank * part:(self.rank + 1) * part].tolist()
 
-
-def _worker_init(worker_id: int) -> None:
-    # Workers are the parallelism; torch threads inside them would only compete.
-    torch.set_num_threads(1)
-    seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def _default_batch_size(batch: Any) -> int:
