@@ -157,11 +157,11 @@ def local_paths(book_dir: Path, params: dict) -> dict[str, str]:
     paths; an absolute path parameter outside them (a dataset root elsewhere) shows its last part;
     the Python installation and the home folder are named, not spelled out."""
     book_dir = Path(book_dir).resolve()
-    roots = {REPO_ROOT: "", book_dir.parent: ""}
+    roots = (REPO_ROOT, book_dir.parent)
     names: dict[str, str] = {}
-    for root, shown in roots.items():
-        names[str(root) + os.sep] = shown
-        names[str(root)] = shown or "."
+    for root in roots:
+        names[str(root) + os.sep] = ""
+        names[str(root)] = "."
     for key, value in params.items():
         if isinstance(value, str) and os.path.isabs(value) and not any(
                 value == str(r) or value.startswith(str(r) + os.sep) for r in roots):

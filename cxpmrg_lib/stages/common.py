@@ -11,7 +11,7 @@ import yaml
 
 from cxpmrg_lib.models.ssm import take_scan_impls
 from cxpmrg_lib.presets import get_preset
-from cxpmrg_lib.runs import config_hash, read_summary, require_run, run_dir_for
+from cxpmrg_lib.runs import SUMMARY_FILE, config_hash, is_finished, read_summary, require_run, run_dir_for
 from cxpmrg_lib.stages.studies import DEFAULT_LOADER
 from cxpmrg_lib.util import runlock
 from cxpmrg_lib.util.errors import RunError
@@ -80,12 +80,12 @@ def start_run(config: StageConfig, stage: str, payload: dict, label: str) -> tup
     runlock) and gets its config.yaml (the config and the hashed payload) written. The stage
     ends it with `finish_run`."""
     run_dir = run_dir_for(config.run_root, config.dataset_root, config.preset, stage, payload)
-    if (run_dir / "summary.json").exists():
+    if is_finished(run_dir):
         log.info("%s: reusing finished run %s", label, run_dir)
         return run_dir, True
     run_dir.mkdir(parents=True, exist_ok=True)
     runlock.claim(run_dir, label)
-    if (run_dir / "summary.json").exists():          # another process finished it while this one waited
+    if is_finished(run_dir):          # another process finished it while this one waited
         runlock.release(run_dir)
         log.info("%s: reusing run %s, finished by another process", label, run_dir)
         return run_dir, True
@@ -96,7 +96,7 @@ def start_run(config: StageConfig, stage: str, payload: dict, label: str) -> tup
 
 def finish_run(run_dir: Path, summary: dict) -> Path:
     """Write a run's summary.json (its presence marks the run finished) and release the run."""
-    write_json(Path(run_dir) / "summary.json", {**summary, "scan_impl": take_scan_impls()})  # not in the config hash
+    write_json(Path(run_dir) / SUMMARY_FILE, {**summary, "scan_impl": take_scan_impls()})  # not in the config hash
     runlock.release(run_dir)
     return Path(run_dir)
 

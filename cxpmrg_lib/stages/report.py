@@ -26,6 +26,7 @@ from cxpmrg_lib.data.dataset import collate_studies
 from cxpmrg_lib.util.fileio import atomic_path, write_json
 from cxpmrg_lib.presets import PROJECTION_LR, VALIDATIONS, get_preset
 from cxpmrg_lib.stages.studies import load_studies, split_table
+from cxpmrg_lib.runs import SUMMARY_FILE, is_finished
 from cxpmrg_lib.stages.common import RunError, StageConfig, read_summary, require_run, resolve_device, start_run, finish_run
 from cxpmrg_lib.stages.decoding import generate_reports
 
@@ -246,7 +247,7 @@ def finetune_report(config: FinetuneConfig) -> Path:
             # Same training, other test settings (test_studies, decoding): only the test predictions are redone.
             summary = read_summary(run_dir)
             summary.update(_test_predictions(load_report_model(run_dir), config, run_dir))
-            write_json(run_dir / "summary.json", summary)
+            write_json(run_dir / SUMMARY_FILE, summary)
             _export(run_dir)
         elif not (run_dir / "export").exists():       # a run finished before runs were exported
             _export(run_dir)
@@ -441,7 +442,7 @@ def load_report_model(run_dir: str | os.PathLike):
     load_weights(model, weights)
     model.decoding = cfg["decoding"]
     model.image_size, model.max_images = cfg["image_size"], cfg["max_images"]
-    model.summary = read_summary(run_dir) if (run_dir / "summary.json").exists() else None
+    model.summary = read_summary(run_dir) if is_finished(run_dir) else None
     return model.eval()
 
 
