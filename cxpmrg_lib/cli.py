@@ -121,7 +121,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     if a.list:
         for s in SYSTEMS.values():
             mark = "*" if s.slug in DEFAULT_SYSTEMS else " "
-            print(f"{mark} {s.slug:<30} {s.name:<40} {s.family:<16} {s.paper}")
+            print(f"{mark} {s.slug:<30} {s.name:<46} {s.family:<16} {s.paper}")
         print("(* = in the default benchmark)")
         return 0
     if a.all and a.systems:

@@ -270,7 +270,7 @@ def tiny_head(tmp_path_factory):
     torch.manual_seed(0)
     lm = build_report_lm(ReportLMConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                                         max_position=128), tok)
-    return VisualPrefixLM(lm, tok, 8, prompt="<Img><ImageHere></Img>", typical_report_tokens=8)
+    return VisualPrefixLM(lm, tok, 24, prompt="<Img><ImageHere></Img>", typical_report_tokens=8)
 
 
 def test_the_lm_reads_residuals_against_the_retrieved_contexts_and_stays_frozen(tiny_head):
@@ -285,18 +285,18 @@ def test_the_lm_reads_residuals_against_the_retrieved_contexts_and_stays_frozen(
     near_normal = sims[0, :5].topk(2).indices
     near_abnormal = sims[0, 5:].topk(2).indices + 5
     seen = model.visual_tokens(query)
-    assert seen.shape == (1, 9, 8)
-    torch.testing.assert_close(seen[:, :3], query)
-    torch.testing.assert_close(seen[:, 3:6], query - bank[near_normal].mean(0, keepdim=True))
-    torch.testing.assert_close(seen[:, 6:], query - bank[near_abnormal].mean(0, keepdim=True))
+    assert seen.shape == (1, 3, 24)                             # as many positions as the study has tokens
+    torch.testing.assert_close(seen[..., :8], query)
+    torch.testing.assert_close(seen[..., 8:16], query - bank[near_normal].mean(0, keepdim=True))
+    torch.testing.assert_close(seen[..., 16:], query - bank[near_abnormal].mean(0, keepdim=True))
     # a study is never its own context in training
     excluded = model.context(query, exclude=torch.tensor([0]))[0]
     assert 0 in near_normal.tolist() and not torch.allclose(excluded, bank[near_normal].mean(0, keepdim=True))
     # other context samples: the same study's tokens, other residuals
     other = ContextResidualLM(tiny_head, bank + torch.randn_like(bank), normal, contexts=2)
     moved = other.visual_tokens(query)
-    torch.testing.assert_close(moved[:, :3], seen[:, :3])
-    assert (moved[:, 3:] - seen[:, 3:]).abs().amax() > 0.1
+    torch.testing.assert_close(moved[..., :8], seen[..., :8])
+    assert (moved[..., 8:] - seen[..., 8:]).abs().amax() > 0.1
     # the LM is frozen: training reaches the projection only
     model.train()
     loss = model(query, None, REPORTS[:1])["loss"]
@@ -307,6 +307,8 @@ def test_the_lm_reads_residuals_against_the_retrieved_contexts_and_stays_frozen(
     assert len(model.generate(query, None, num_beams=1, max_new_tokens=4)) == 1
     with pytest.raises(ValueError, match="normal studies"):
         ContextResidualLM(tiny_head, bank, torch.tensor([True] * 2 + [False] * 8), contexts=2)
+    with pytest.raises(ValueError, match="12-wide tokens .* not 24"):
+        ContextResidualLM(tiny_head, bank[..., :4], normal, contexts=2)
 
 
 # ----------------------------------------------------------------------------- shared

@@ -145,7 +145,7 @@ def _run_context_residual(system: System, config: BenchConfig, data: _Data, run_
     lm_dir = _report_lm_dir(config, "llama", epochs=_lm_epochs(config))      # the LM of the lm-llama row
     lm, tokenizer = load_report_lm(ReportLMConfig(pretrained=str(lm_dir)))
     torch.manual_seed(config.seed)
-    head = VisualPrefixLM(lm, tokenizer, tokens["train"].shape[-1],
+    head = VisualPrefixLM(lm, tokenizer, 3 * tokens["train"].shape[-1],      # a token and its two residuals
                           typical_report_tokens=median_report_tokens(tokenizer, data.train.reports),
                           proj_lr_scale=_projection_scale(system, config))
     normal = finding_targets(data.train)[:, CHEXPERT_LABELS.index("No Finding")] == 1

@@ -7,11 +7,14 @@ and studies without, so that the LM reads what sets this image apart from normal
 ones. Here the encoder is MambaXray-VL's stage-2 Vision Mamba, frozen, whose study tokens are computed
 once (as for the LM-swap rows), and the LM is MambaXray-VL's frozen report LM; for each study the K
 training studies without findings (No Finding) and the K with findings whose pooled tokens are most
-similar (cosine) to its own are retrieved, and the LM's image slot holds
-[x; x - mean(normal contexts); x - mean(abnormal contexts)], through the one trained Linear +
-LayerNorm. In training a study is never its own context. The bank and its normal / abnormal split
-are the training split's (its labels, never a test report's). Left out: R2GenCSR's training of the
-encoder and its prompt text around the context tokens.
+similar (cosine) to its own are retrieved, and each image position of the LM's slot holds the study's
+token and its residuals against the two contexts side by side, [x, x - mean(normal contexts),
+x - mean(abnormal contexts)] (3D features), through the one trained Linear + LayerNorm. R2GenCSR
+gives the residuals positions of their own; here the slot keeps the length the frozen LM was trained
+to read (the lm-llama row's), since a slot three times as long would put the report at positions
+that LM never saw, and the two rows differ by the residuals alone. In training a study is never its
+own context. The bank and its normal / abnormal split are the training split's (its labels, never a
+test report's). Left out: R2GenCSR's training of the encoder and its prompt text around the contexts.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ __all__ = ["ContextResidualLM"]
 
 
 class ContextResidualLM(nn.Module):
-    """`head` (a VisualPrefixLM on a frozen LM) over context-residual tokens of precomputed study tokens.
+    """`head` (a VisualPrefixLM on a frozen LM, visual width 3D) over context-residual tokens of precomputed
+    study tokens.
 
     `bank`: (N, T, D) training study tokens; `normal`: (N,) bool, True for a study without findings.
     forward(tokens (B, T, D), mask, reports, exclude=None) -> {"loss", ...}; generate(tokens, mask, **decoding);
@@ -35,6 +39,9 @@ class ContextResidualLM(nn.Module):
         if bank.ndim != 3 or normal.shape != bank.shape[:1]:
             raise ValueError(f"bank must be (N, T, D) with one normal flag per row, got {tuple(bank.shape)} "
                              f"and {tuple(normal.shape)}")
+        if getattr(head, "visual_dim", None) != 3 * bank.shape[-1]:
+            raise ValueError(f"the head must read {3 * bank.shape[-1]}-wide tokens (a study token and its two "
+                             f"residuals), not {getattr(head, 'visual_dim', None)}")
         for name, group in (("normal", normal), ("abnormal", ~normal)):
             if int(group.sum()) < contexts + 1:
                 raise ValueError(f"the context bank has {int(group.sum())} {name} studies; {contexts} contexts "
@@ -58,9 +65,10 @@ class ContextResidualLM(nn.Module):
         return out[0], out[1]
 
     def visual_tokens(self, tokens: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 3T, D): the study's tokens, then their residuals against the normal and the abnormal context."""
+        """(B, T, 3D): at each position the study's token, its residual against the normal context and
+        against the abnormal one."""
         normal, abnormal = self.context(tokens, exclude)
-        return torch.cat([tokens, tokens - normal, tokens - abnormal], dim=1)
+        return torch.cat([tokens, tokens - normal, tokens - abnormal], dim=-1)
 
     def forward(self, tokens: torch.Tensor, _mask, reports: list[str], exclude: torch.Tensor | None = None) -> dict:
         return self.head(self.visual_tokens(tokens, exclude), reports)
