@@ -121,11 +121,16 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     if a.list:
         for s in SYSTEMS.values():
             mark = "*" if s.slug in DEFAULT_SYSTEMS else " "
-            print(f"{mark} {s.slug:<30} {s.name:<40} {s.family:<16} {s.paper}")
+            print(f"{mark} {s.slug:<30} {s.name:<46} {s.family:<16} {s.paper}")
         print("(* = in the default benchmark)")
         return 0
+    if a.all and a.systems:
+        raise SystemExit("cxpmrg bench: --all runs every system; give it or --systems, not both")
+    from cxpmrg_lib.bench.config import ALL, system_slugs
+
+    systems = system_slugs([ALL] if a.all else a.systems) or None
     common = _stage_common(a)
-    out = run_bench(BenchConfig(**common, systems=a.systems, test_studies=a.test_studies, num_beams=a.beams,
+    out = run_bench(BenchConfig(**common, systems=systems, test_studies=a.test_studies, num_beams=a.beams,
                                 lm_epochs=a.lm_epochs, n_boot=a.n_boot, redo=a.redo, jobs=a.jobs,
                                 backbone_pretraining=a.backbone_pretraining, backbone_steps=a.backbone_steps))
     table = read_results(out)
@@ -294,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     # bench
     bn = sub.add_parser("bench", help="the benchmark: every report generator through one protocol")
     _add_stage_args(bn)
-    bn.add_argument("--systems", nargs="+", default=None, help="system slugs (see --list); default: the default set")
+    bn.add_argument("--systems", nargs="+", default=None,
+                    help="system slugs (see --list), or 'all'; default: the default set")
+    bn.add_argument("--all", action="store_true", help="every system of the registry (the whole zoo)")
     bn.add_argument("--list", action="store_true", help="list the systems and exit")
     bn.add_argument("--redo", nargs="+", default=[], help="systems to train and score again (cached run deleted)")
     bn.add_argument("--test-studies", type=int, default=None, help="first N test studies (default: all)")

@@ -154,3 +154,32 @@ def test_the_frozen_lm_baseline_trains_its_pretrained_backbone_and_keeps_its_bes
     row = read_results(run_bench(cfg)).set_index("system").loc["r2gengpt"]
     assert "conv-token ViT: backbone first trained on the training findings (2 steps)" in row["note"]
     assert (Path(row["run_dir"]) / "best" / "model.safetensors").exists() and row["pretrain_min"] > 0
+
+
+@pytest.mark.slow
+def test_the_mechanism_systems_train_on_their_targets_and_write_rows(phantom, tmp_path):
+    """PromptMRG-, TIMER-, M2KT-, XProNet-, WCL- and R2GenCSR-style through the benchmark: each row trained (its
+    parts of the loss logged), its test reports written, its note saying what it added."""
+    from cxpmrg_lib.runs import read_metrics
+
+    mechanisms = ["promptmrg", "timer", "m2kt", "xpronet", "wcl", "r2gencsr"]
+    cfg = BenchConfig(dataset_root=str(phantom), run_root=str(tmp_path / "runs"), device="cpu", max_steps=2,
+                      batch_size=8, val_studies=4, test_studies=4, earlier_epochs=0.1, n_boot=20, speed_studies=2,
+                      systems=["most-common"] + mechanisms, num_beams=2, jobs=1, backbone_steps=2)
+    table = read_results(run_bench(cfg)).set_index("system")
+    assert set(mechanisms) <= set(table.index)
+    logged = {"promptmrg": "label_loss", "m2kt": "label_loss", "xpronet": "label_loss", "timer": "unlikelihood",
+              "wcl": "contrastive"}
+    for slug, part in logged.items():
+        row = table.loc[slug]
+        assert row["note"].startswith("Transformer + ") and "backbone first trained" in row["note"]
+        records = [r for r in read_metrics(row["run_dir"]) if "loss" in r]
+        assert records and all(part in r and "report_loss" in r for r in records), (slug, records[:1])
+    assert json.loads((Path(table.loc["wcl", "run_dir"]) / "report_clusters.json").read_text())["clusters"] == 8
+    assert json.loads((Path(table.loc["timer", "run_dir"]) / "penalised_tokens.json").read_text())["tokens"]
+    csr = table.loc["r2gencsr"]
+    assert "residuals against the 4 most similar normal and abnormal training studies" in csr["note"]
+    assert csr["total_m"] > csr["trainable_m"] > 0 and csr["pretrain_min"] > 0     # the frozen LM, trained first
+    for slug in mechanisms:
+        preds = pd.read_csv(Path(run_bench(cfg)) / "predictions" / f"{slug}.csv")
+        assert len(preds) == table.loc[slug, "n_test"] and preds["prediction"].map(lambda p: isinstance(p, str)).all()

@@ -71,8 +71,18 @@ SMOKE_BUDGET = dict(epochs=1, val_studies=8, test_studies=16, earlier_epochs=1, 
                     lm_epochs=1, backbone_steps=4)
 
 
-def _slugs(systems: str | list | None) -> list[str]:
-    return [s.strip() for s in systems.split(",") if s.strip()] if isinstance(systems, str) else list(systems or [])
+ALL = "all"     # as a list of systems: every system of the registry (the whole zoo, ablations and LM swap included)
+
+
+def system_slugs(systems: str | list | None) -> list[str]:
+    """Slugs of comma-separated text or a list; "all" (alone) stands for every registered system."""
+    chosen = ([s.strip() for s in systems.split(",") if s.strip()] if isinstance(systems, str)
+              else list(systems or []))
+    if ALL in chosen:
+        if chosen != [ALL]:
+            raise ValueError(f"{ALL!r} stands for every system and goes alone, not with {chosen}")
+        return list(SYSTEMS)
+    return chosen
 
 
 def notebook_config(dataset_root: str, dataset_kind: str = "auto", loader: dict | None = None, preset: str = "tiny",
@@ -80,8 +90,9 @@ def notebook_config(dataset_root: str, dataset_kind: str = "auto", loader: dict 
                     epochs: float = 0, lm_epochs: float = 0, smoke: bool = False, jobs: int = 0,
                     backbone_pretraining: str = "labels") -> BenchConfig:
     """The benchmark of the notebooks' parameters (04_benchmark runs it, 06_explore reads the same folder).
-    `systems`: comma-separated slugs or a list; empty: the default list (the smoke list in a smoke run)."""
-    chosen = _slugs(systems)
+    `systems`: comma-separated slugs or a list, or "all" (every registered system); empty: the default list
+    (the smoke list in a smoke run)."""
+    chosen = system_slugs(systems)
     if smoke and not chosen:
         chosen = list(SMOKE_SYSTEMS)
     budget = {"lm_epochs": lm_epochs, **({"epochs": epochs} if epochs else {}), **(SMOKE_BUDGET if smoke else {})}
@@ -104,7 +115,7 @@ def for_dataset(config: BenchConfig, dataset_root: str, dataset_kind: str = "aut
     as slowly (iu-phantom: 9 minutes against 5 in one process)."""
     from dataclasses import replace
 
-    chosen = list(SMOKE_SECOND_SYSTEMS) if smoke else _slugs(systems)
+    chosen = list(SMOKE_SECOND_SYSTEMS) if smoke else system_slugs(systems)
     loader = {} if dataset_kind == "r2gen" else config.loader
     return replace(config, dataset_root=dataset_root, dataset_kind=dataset_kind, loader=loader,
                    systems=chosen or None, redo=[], jobs=jobs)

@@ -13,13 +13,19 @@ import pandas as pd
 import torch
 
 from cxpmrg_lib.bench.config import BenchConfig, bench_dir
-from cxpmrg_lib.bench.runners import RUNNERS, _FeatureSet, _mamba_config, _stage2_tokens
+from cxpmrg_lib.bench import mechanisms
+from cxpmrg_lib.bench.runners import RUNNERS as _BASE_RUNNERS, _FeatureSet, _mamba_config, _stage2_tokens
 from cxpmrg_lib.bench.systems import DEFAULT_SYSTEMS, REFERENCE, SYSTEMS, System
 from cxpmrg_lib.bench.training import _Data, _Fitted, _lm_epochs, _load_data, _report_lm_call, _stage2_call
 from cxpmrg_lib.runs import config_hash
 from cxpmrg_lib.util.fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
+
+# How each kind of system is run: the runners of runners.py and those of the mechanism systems (mechanisms.py).
+RUNNERS = {**_BASE_RUNNERS, **mechanisms.RUNNERS}
+# Kinds whose model reads the frozen stage-2 encoder's study tokens instead of images.
+_TOKEN_KINDS = ("lm_swap", *mechanisms.TOKEN_KINDS)
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
@@ -38,7 +44,7 @@ def _speed(fitted: _Fitted, system: System, config: BenchConfig, data: _Data) ->
     n = min(config.speed_studies, len(data.test))
     if fitted.model is None:                # a constant report: nothing to run
         return {"reports_per_s": math.nan, "peak_mib": 0.0}
-    if system.kind == "lm_swap":
+    if system.kind in _TOKEN_KINDS:
         studies = _FeatureSet(_stage2_tokens(config, data)["test"][:n], list(data.test.reports[:n]))
     else:
         studies = torch.utils.data.Subset(data.test, range(n))
@@ -136,8 +142,10 @@ def _earlier_runs(config: BenchConfig, slugs: list[str]) -> tuple[list, list[str
         if kind == "mamba":
             for call in prerequisites(_mamba_config(SYSTEMS[slug], config)):
                 add(call, f"{call.func.__name__} for {SYSTEMS[slug].name}")
-        if kind in ("nearest", "lm_swap"):
+        if kind in ("nearest", "lm_swap", "context_residual"):
             add(_stage2_call(config), "stage 2")
+        if kind == "context_residual":       # the LM of the lm-llama row
+            add(_report_lm_call(config, "llama", epochs=_lm_epochs(config)), "report LM (llama)")
         if kind == "r2gengpt":
             add(_report_lm_call(config, epochs=config.earlier_epochs), "report LM (llama)")
         if kind in ("lm_swap", "cvt2gpt2"):

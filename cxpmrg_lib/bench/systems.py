@@ -11,9 +11,10 @@ class System:
     slug: str            # the name on the command line and of the predictions file
     name: str            # the row label in tables
     family: str          # floor | encoder-decoder | frozen LM | MambaXray-VL | LM swap
-    kind: str            # how it is run (see runners.RUNNERS)
+    kind: str            # how it is run (see run.RUNNERS: runners.py and mechanisms.py)
     paper: str           # the original paper, cited in the book
     options: tuple = ()  # (key, value) pairs for the runner
+    table1: str = ""     # its row in the paper's Table 1 (data_manifests/paper_results), "" for none; not hashed
 
     @property
     def order(self) -> int:
@@ -33,14 +34,32 @@ SYSTEMS: dict[str, System] = {s.slug: s for s in [
            "Vaswani et al., NeurIPS 2017; the base model of Chen et al., EMNLP 2020",
            (("model", "transformer"), ("lr", FROM_SCRATCH_LR))),
     System("r2gen", "R2Gen", "encoder-decoder", "zoo", "Chen et al., EMNLP 2020",
-           (("model", "r2gen"), ("lr", FROM_SCRATCH_LR))),
+           (("model", "r2gen"), ("lr", FROM_SCRATCH_LR)), table1="R2Gen"),
     System("r2gencmn", "R2GenCMN", "encoder-decoder", "zoo", "Chen et al., ACL 2021",
-           (("model", "cmn"), ("lr", FROM_SCRATCH_LR))),
+           (("model", "cmn"), ("lr", FROM_SCRATCH_LR)), table1="R2GenCMN"),
     System("cvt2gpt2", "CvT2DistilGPT2-style (conv ViT + GPT-2)", "encoder-decoder", "cvt2gpt2",
-           "Nicolson et al., Artificial Intelligence in Medicine 2023"),
+           "Nicolson et al., Artificial Intelligence in Medicine 2023", table1="CvT2DistilGPT2"),
+    # The mechanism systems (bench.mechanisms): the Transformer above plus one mechanism each
+    System("promptmrg", "PromptMRG-style (diagnosis prompts)", "encoder-decoder", "conditioned", "Jin et al., AAAI 2024",
+           (("model", "promptmrg"), ("lr", FROM_SCRATCH_LR), ("tau", 1.0)), table1="PromptMRG"),
+    System("timer", "TIMER-style (unlikelihood on frequent words)", "encoder-decoder", "conditioned",
+           "Wu et al., CHIL 2023", (("model", "timer"), ("lr", FROM_SCRATCH_LR), ("frequent_share", 0.02),
+                                    ("weight", 1.0)), table1="TIMER"),
+    System("m2kt", "M2KT-style (label knowledge in the memory)", "encoder-decoder", "conditioned",
+           "Yang et al., Medical Image Analysis 2023 (arXiv 2021)", (("model", "m2kt"), ("lr", FROM_SCRATCH_LR)),
+           table1="M2KT"),
+    System("xpronet", "XProNet-style (shared cross-modal prototypes)", "encoder-decoder", "conditioned",
+           "Wang et al., ECCV 2022", (("model", "xpronet"), ("lr", FROM_SCRATCH_LR), ("per_group", 8)),
+           table1="XProNet"),
+    System("wcl", "WCL-style (contrast over report clusters)", "encoder-decoder", "conditioned",
+           "Yan et al., Findings of EMNLP 2021", (("model", "wcl"), ("lr", FROM_SCRATCH_LR), ("clusters", 8),
+                                                  ("temperature", 0.1)), table1="WCL"),
     System("r2gengpt", "R2GenGPT-style (conv ViT + frozen LM)", "frozen LM", "r2gengpt", "Wang et al., Meta-Radiology 2023",
-           (("lr", FROM_SCRATCH_LR),)),
-    System("mambaxray-vl", "MambaXray-VL", "MambaXray-VL", "mamba", _MAMBA, (("init", "stage2"),)),
+           (("lr", FROM_SCRATCH_LR),), table1="R2GenGPT"),
+    System("r2gencsr", "R2GenCSR-style (context residuals, frozen LM)", "frozen LM", "context_residual",
+           "Wang et al., arXiv 2024 (R2GenCSR)", (("contexts", 4),), table1="R2GenCSR"),
+    System("mambaxray-vl", "MambaXray-VL", "MambaXray-VL", "mamba", _MAMBA, (("init", "stage2"),),
+           table1="MambaXray-VL-B"),
     System("mambaxray-vl-no-stage1", "MambaXray-VL w/o stage 1", "MambaXray-VL", "mamba", _MAMBA,
            (("init", "stage2_random"),)),
     System("mambaxray-vl-no-stage2", "MambaXray-VL w/o stage 2", "MambaXray-VL", "mamba", _MAMBA,
@@ -61,13 +80,16 @@ SYSTEMS: dict[str, System] = {s.slug: s for s in [
 # The default benchmark (make book). The LM swap's default pair is Llama (MambaXray-VL's LM) and GPT-2 (whose
 # report LM the CvT2DistilGPT2-style system starts from, so it costs no extra LM); lm-qwen2, lm-phi and
 # lm-mistral (a Llama with sliding-window attention) are there on request: about 2.5 minutes each on 2 cores,
-# which the 45-minute book could not afford.
+# which the 45-minute book could not afford. Of the mechanism systems the default runs two, PromptMRG-style
+# and TIMER-style (both aimed at generic reports, each about 4-5 minutes of one core); M2KT-, XProNet-,
+# WCL- and R2GenCSR-style run with `-p systems all` / `cxpmrg bench --all` (the whole registry) or by name.
 DEFAULT_SYSTEMS = ["mambaxray-vl", "most-common", "nearest-neighbour", "transformer", "r2gen", "r2gencmn",
                    "cvt2gpt2", "r2gengpt", "mambaxray-vl-no-stage1", "mambaxray-vl-no-stage2", "mambaxray-vl-no-pretraining",
-                   "lm-llama", "lm-gpt2"]
+                   "lm-llama", "lm-gpt2", "promptmrg", "timer"]
 REFERENCE = "mambaxray-vl"
 
 
 # Submission order of the rows: MambaXray-VL first (every row is tested against it), then the longest
 # trainings, so that with several workers no long job starts last while the others stand idle.
-ORDER = {"mamba": 0, "zoo": 1, "cvt2gpt2": 1, "r2gengpt": 1, "lm_swap": 2, "nearest": 3, "most_common": 3}
+ORDER = {"mamba": 0, "zoo": 1, "conditioned": 1, "cvt2gpt2": 1, "r2gengpt": 1, "lm_swap": 2, "context_residual": 2,
+         "nearest": 3, "most_common": 3}

@@ -1,8 +1,10 @@
-"""The benchmark's results as the book shows them: the ranked table, per-label F1, pairwise p-values, the
-backbone step, report diversity, a plain summary, and the encoders' feature spread."""
+"""The benchmark's results as the book shows them: the ranked table and the cost table, each with the paper's
+Table 1 row beside the row of the same system, per-label F1, pairwise p-values, the backbone step, report
+diversity, a plain summary, and the encoders' feature spread."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -14,6 +16,69 @@ from cxpmrg_lib.bench.config import BenchConfig, bench_dir
 from cxpmrg_lib.bench.run import _data_for, read_results
 from cxpmrg_lib.bench.runners import _zoo_model
 from cxpmrg_lib.bench.systems import SYSTEMS
+
+log = logging.getLogger(__name__)
+
+PAPER_RESULTS = Path(__file__).resolve().parents[2] / "data_manifests" / "paper_results"
+TABLE1 = "table1_mrg_algorithms_chexpert_plus"
+PAPER_LABEL = "paper, CheXpert Plus"
+
+
+def paper_table1(path: str | Path | None = None) -> pd.DataFrame:
+    """The paper's Table 1 (its numbers on CheXpert Plus), indexed by algorithm; empty when the file is not
+    there (an installed package without the repository's data_manifests/)."""
+    path = Path(path) if path is not None else PAPER_RESULTS / f"{TABLE1}.csv"
+    if not path.exists():
+        log.warning("the paper's Table 1 is not at %s; its rows are left out", path)
+        return pd.DataFrame()
+    return pd.read_csv(path).set_index("algorithm")
+
+
+def _paper_row(results_row, table1: pd.DataFrame) -> str | None:
+    system = SYSTEMS.get(results_row["system"])
+    return system.table1 if system is not None and system.table1 in table1.index else None
+
+
+def beside_paper(shown: pd.DataFrame, results: pd.DataFrame, table1: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`shown` (a table indexed by our rows' names, e.g. ranked_table's) with, under each row whose system
+    is in the paper's Table 1, the paper's row for it: labelled "<algorithm> (paper, CheXpert Plus)", its
+    values in italics, no interval and no rank (the paper's numbers are real data, not comparable)."""
+    table1 = paper_table1() if table1 is None else table1
+    if table1.empty:
+        return shown
+    rows, index = [], []
+    for name in shown.index:
+        rows.append(shown.loc[name])
+        index.append(name)
+        match = results[results["name"] == name]
+        algorithm = _paper_row(match.iloc[0], table1) if len(match) else None
+        if algorithm is not None:
+            paper = table1.loc[algorithm]
+            rows.append(pd.Series({k: f"<i>{float(paper[k]):.3f}</i>" if k in paper.index else ""
+                                   for k in shown.columns}))
+            index.append(f"{algorithm} ({PAPER_LABEL})")
+    return pd.DataFrame(rows, index=index, columns=shown.columns)
+
+
+COST_COLUMNS = ("family", "wall_min", "train_min", "pretrain_min", "trainable_m", "total_m", "reports_per_s",
+                "peak_mib", "threads", "p_bleu4", "p_ce_f1", "note")
+
+
+def cost_table(results: pd.DataFrame, table1: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Each row's cost (minutes, parameters in millions, generation speed and memory, the paired p-values
+    against the reference), with the paper's training minutes and parameters (Table 1, CheXpert Plus, its
+    GPUs) beside the row of the same system."""
+    table1 = paper_table1() if table1 is None else table1
+    out = results.set_index("name")[[c for c in COST_COLUMNS if c in results.columns]].copy()
+    minutes, params = [], []
+    for _, row in results.iterrows():
+        algorithm = _paper_row(row, table1) if not table1.empty else None
+        minutes.append(float(table1.loc[algorithm, "train_time_min"]) if algorithm else math.nan)
+        params.append(float(table1.loc[algorithm, "params_m"]) if algorithm else math.nan)
+    at = list(out.columns).index("total_m") + 1 if "total_m" in out.columns else len(out.columns)
+    out.insert(at, f"train_min ({PAPER_LABEL})", minutes)
+    out.insert(at + 1, f"params_m ({PAPER_LABEL})", params)
+    return out
 
 
 def ranked_table(results: pd.DataFrame, keys=("bleu4", "rouge_l", "meteor", "cider", "ce_precision", "ce_recall",

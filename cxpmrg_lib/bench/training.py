@@ -63,9 +63,11 @@ def _count(model) -> tuple[int, int]:
 
 
 def _train(model, config: BenchConfig, data: _Data, run_dir: Path, desc: str, dataset=None,
-           eval_fn=None, lr: float | None = None) -> Path:
+           eval_fn=None, lr: float | None = None, loss_fn=None) -> Path:
     """The shared training budget and checkpoint selection; returns the folder whose weights to load.
-    `lr`: the system's own peak learning rate (an explicit config.lr overrides it)."""
+    `lr`: the system's own peak learning rate (an explicit config.lr overrides it). `loss_fn(model, batch)`:
+    the trainer's loss function, by default the model's report loss on the batch's images and reports (a
+    system that trains on more, per-study targets, passes its own)."""
     from cxpmrg_lib.data.dataset import collate_studies
     from cxpmrg_lib.stages.report import validation_fn
     from cxpmrg_lib.trainer import TrainConfig, load_weights, train
@@ -79,10 +81,10 @@ def _train(model, config: BenchConfig, data: _Data, run_dir: Path, desc: str, da
     train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=resolve_device(config.device),
                                eval_every=validation_every(settings, len(dataset)), best_metric="select", **settings)
 
-    def loss_fn(m, batch):
+    def report_loss(m, batch):
         return m(batch["image"], batch["image_mask"], batch["report"])["loss"]
 
-    train(model, dataset, loss_fn, train_config, run_dir, collate_fn=collate_studies,
+    train(model, dataset, loss_fn or report_loss, train_config, run_dir, collate_fn=collate_studies,
           batch_size_of=lambda b: len(b["report"]), eval_fn=eval_fn or validation_fn(data.val, config.decoding()),
           desc=desc)
     model.cpu()
@@ -112,10 +114,10 @@ def _generate(model, studies, config: BenchConfig) -> list[str]:
 
 
 def _fit(model, system: System, config: BenchConfig, data: _Data, run_dir: Path, pretrain_s: float = 0.0,
-         note: str = "") -> _Fitted:
+         note: str = "", loss_fn=None) -> _Fitted:
     """Train a system's network under the shared budget (its own peak lr), then write the test reports."""
     t0 = time.perf_counter()
-    _train(model, config, data, run_dir, desc=system.name, lr=dict(system.options).get("lr"))
+    _train(model, config, data, run_dir, desc=system.name, lr=dict(system.options).get("lr"), loss_fn=loss_fn)
     preds = _generate(model, data.test, config)
     trainable, total = _count(model)
     return _Fitted(preds, model, _elapsed(run_dir) or time.perf_counter() - t0, trainable, total,
