@@ -105,7 +105,7 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
 
     run_dir = finetune_report(FinetuneConfig(**_stage_common(a), init=a.init, lm_pretrained=a.lm_pretrained,
                                              freeze_encoder=a.freeze_encoder, num_beams=a.beams,
-                                             test_studies=a.test_studies))
+                                             decoding_choice=a.decoding, test_studies=a.test_studies))
     summary = read_summary(run_dir)
     m = summary["test_metrics"]
     print(f"stage 3 done: {run_dir} ({summary['steps']} steps; {summary['test_studies']} test studies: "
@@ -132,7 +132,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     common = _stage_common(a)
     out = run_bench(BenchConfig(**common, systems=systems, test_studies=a.test_studies, num_beams=a.beams,
                                 lm_epochs=a.lm_epochs, n_boot=a.n_boot, redo=a.redo, jobs=a.jobs,
-                                backbone_pretraining=a.backbone_pretraining, backbone_steps=a.backbone_steps))
+                                backbone_pretraining=a.backbone_pretraining, backbone_steps=a.backbone_steps,
+                                decoding_choice=a.decoding))
     table = read_results(out)
     cols = ["name", "bleu4", "rouge_l", "meteor", "cider", "ce_f1", "train_min", "trainable_m", "reports_per_s"]
     print(table[[c for c in cols if c in table]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -305,7 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--list", action="store_true", help="list the systems and exit")
     bn.add_argument("--redo", nargs="+", default=[], help="systems to train and score again (cached run deleted)")
     bn.add_argument("--test-studies", type=int, default=None, help="first N test studies (default: all)")
-    bn.add_argument("--beams", type=int, default=3)
+    bn.add_argument("--beams", type=int, default=3, help="beam size of the fixed decoding (--decoding fixed)")
+    bn.add_argument("--decoding", default="validation", choices=["validation", "fixed"],
+                    help="each trained system's test decoding: chosen on its validation studies from greedy / beam 3 x "
+                         "repetition penalty 1.0 / 1.3 / 2.0 (default), or fixed at --beams with penalty 2.0 (the old "
+                         "protocol)")
     bn.add_argument("--lm-epochs", type=float, default=0,
                     help="epochs of each fresh LM of the LM swap; 0 (default): as long as MambaXray-VL's LM")
     bn.add_argument("--backbone-pretraining", default="labels", choices=["labels", "contrastive", "none"],
@@ -326,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lm-pretrained", default=None, help="a local causal-LM folder (Llama-2, Qwen, ...); "
                     "default: the preset's small LM, trained on the reports first")
     ft.add_argument("--freeze-encoder", action="store_true", help="train only the projection (paper: trained)")
-    ft.add_argument("--beams", type=int, default=3, help="beam size of the test predictions")
+    ft.add_argument("--beams", type=int, default=3, help="beam size of the fixed decoding (--decoding fixed)")
+    ft.add_argument("--decoding", default="validation", choices=["validation", "fixed"],
+                    help="the test decoding: chosen on the validation studies (default), or fixed at --beams with "
+                         "repetition penalty 2.0 (the old setting)")
     ft.add_argument("--test-studies", type=int, default=None, help="first N test studies (default: all)")
     ft.set_defaults(func=_cmd_finetune)
 

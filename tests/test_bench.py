@@ -183,3 +183,36 @@ def test_the_mechanism_systems_train_on_their_targets_and_write_rows(phantom, tm
     for slug in mechanisms:
         preds = pd.read_csv(Path(run_bench(cfg)) / "predictions" / f"{slug}.csv")
         assert len(preds) == table.loc[slug, "n_test"] and preds["prediction"].map(lambda p: isinstance(p, str)).all()
+
+
+def test_a_second_dataset_starts_from_the_main_datasets_pretraining():
+    """for_dataset (04_benchmark's iu-phantom): with pretrain_on="main" MambaXray-VL's stages 1-2 and the stage-2
+    encoder of nearest neighbour are the main dataset's runs; its report LM trains on the new dataset. "own" is
+    the old setting, and the choice is part of the protocol."""
+    from cxpmrg_lib.bench import for_dataset, notebook_config
+    from cxpmrg_lib.bench.run import _earlier_runs
+
+    main = notebook_config("/nowhere/phantom", dataset_kind="chexpert_plus")
+    iu = for_dataset(main, "/nowhere/iu", "r2gen", "mambaxray-vl,nearest-neighbour,most-common")
+    calls, _ = _earlier_runs(iu, iu.systems)
+    where = sorted((c.func.__name__, c.args[0].dataset_root, c.args[0].dataset_kind) for c in calls)
+    assert where == [("pretrain_contrastive", "/nowhere/phantom", "chexpert_plus"),
+                     ("pretrain_report_lm", "/nowhere/iu", "r2gen")]
+    assert iu.protocol()["pretraining"]["dataset_kind"] == "chexpert_plus" and iu.jobs == main.jobs
+    own = for_dataset(main, "/nowhere/iu", "r2gen", "mambaxray-vl", pretrain_on="own")
+    calls, _ = _earlier_runs(own, own.systems)
+    assert {c.args[0].dataset_root for c in calls} == {"/nowhere/iu"} and own.jobs == 1
+    assert "pretraining" not in own.protocol() and "pretraining" not in main.protocol()
+    with pytest.raises(ValueError, match="pretrain_on"):
+        for_dataset(main, "/nowhere/iu", "r2gen", pretrain_on="elsewhere")
+
+
+def test_the_decoding_choice_is_part_of_the_protocol():
+    from cxpmrg_lib.bench import notebook_config
+
+    chosen = notebook_config("/nowhere/phantom", dataset_kind="chexpert_plus")
+    fixed = notebook_config("/nowhere/phantom", dataset_kind="chexpert_plus", decoding_choice="fixed")
+    assert chosen.decoding_choice == "validation" and chosen.protocol()["decoding_choice"]["select"] == "bleu4 + ce_f1"
+    assert "decoding_choice" not in fixed.protocol()            # the old protocol keeps its hash
+    with pytest.raises(ValueError, match="decoding_choice"):
+        notebook_config("x", decoding_choice="sampled")

@@ -86,3 +86,48 @@ def test_feature_spread_tells_constant_features_from_varied_ones():
     assert constant["between_study_spread"] == pytest.approx(0.0, abs=1e-6)
     assert constant["mean_cosine_between_studies"] == pytest.approx(1.0)
     assert varied["between_study_spread"] > 1.0 and varied["mean_cosine_between_studies"] < 0.5
+
+
+_DEFAULT = {"num_beams": 3, "repetition_penalty": 2.0, "no_repeat_ngram_size": 3}
+
+
+def test_choose_decoding_picks_the_best_validation_setting_and_records_the_sweep():
+    from cxpmrg_lib.stages.decoding import CHOICE_GRID, choose_decoding
+
+    chosen, table = choose_decoding(_Echo(), _Studies(8), _DEFAULT)
+    assert len(table) == 6 and int(table["chosen"].sum()) == 1
+    assert chosen["repetition_penalty"] == 1.0              # the only penalty under which the reports follow the image
+    assert chosen["num_beams"] == CHOICE_GRID["num_beams"][0]   # greedy and beam tie: the earlier row
+    assert table.loc[table["chosen"], "select"].item() == table["select"].max()
+
+
+class _Same(_Echo):
+    def generate(self, images, image_mask=None, **_):
+        return ["the lungs are clear ."] * len(images)
+
+
+def test_choose_decoding_keeps_the_protocol_setting_on_a_tie():
+    from cxpmrg_lib.stages.decoding import choose_decoding
+
+    chosen, table = choose_decoding(_Same(), _Studies(8), _DEFAULT)
+    assert chosen == _DEFAULT and table["select"].nunique() == 1
+
+
+def test_decoding_for_fixed_is_the_default_and_validation_is_kept_in_the_run(tmp_path, monkeypatch):
+    from cxpmrg_lib.stages import decoding
+
+    assert decoding.decoding_for(_Echo(), _Studies(4), _DEFAULT, "fixed", tmp_path) == _DEFAULT
+    assert not (tmp_path / "decoding.json").exists()
+    chosen = decoding.decoding_for(_Echo(), _Studies(8), _DEFAULT, "validation", tmp_path)
+    assert chosen["repetition_penalty"] == 1.0
+    assert json.loads((tmp_path / "decoding.json").read_text())["chosen"] == chosen
+    assert len(pd.read_csv(tmp_path / "decoding_choice.csv")) == 6
+
+    def no_sweep(*a, **k):
+        raise AssertionError("swept again")
+
+    monkeypatch.setattr(decoding, "choose_decoding", no_sweep)
+    assert decoding.decoding_for(_Echo(), _Studies(8), _DEFAULT, "validation", tmp_path) == chosen
+    with pytest.raises(ValueError, match="decoding choice"):
+        decoding.decoding_for(_Echo(), _Studies(8), _DEFAULT, "best", tmp_path)
+    assert decoding.describe_decoding(chosen) == "greedy, rp 1, no-repeat 3"

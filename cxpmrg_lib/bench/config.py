@@ -9,6 +9,7 @@ from cxpmrg_lib.bench.systems import SYSTEMS
 from cxpmrg_lib.presets import PROJECTION_LR
 from cxpmrg_lib.runs import dataset_dir
 from cxpmrg_lib.stages.common import StageConfig
+from cxpmrg_lib.stages.decoding import CHOICE_GRID, DECODING_CHOICES
 
 
 BACKBONE_PRETRAINING = ("labels", "contrastive", "none")
@@ -38,6 +39,11 @@ class BenchConfig(StageConfig):
     # stage 2's image-report loss; "none": from scratch (the old protocol)
     backbone_pretraining: str = "labels"
     backbone_steps: int = 300
+    # How each trained system's test decoding is set (stages.decoding): "validation" chooses it from
+    # CHOICE_GRID on the validation studies by the checkpoint rule (BLEU-4 + CE-F1), the same grid and rule
+    # for every system; "fixed": num_beams / repetition_penalty / no_repeat_ngram_size above for all (the
+    # old setting)
+    decoding_choice: str = "validation"
 
     preset_defaults = "stage3"
 
@@ -46,6 +52,8 @@ class BenchConfig(StageConfig):
         if self.backbone_pretraining not in BACKBONE_PRETRAINING:
             raise ValueError(f"backbone_pretraining must be one of {BACKBONE_PRETRAINING}, "
                              f"not {self.backbone_pretraining!r}")
+        if self.decoding_choice not in DECODING_CHOICES:
+            raise ValueError(f"decoding_choice must be one of {DECODING_CHOICES}, not {self.decoding_choice!r}")
         unknown = [s for s in list(self.systems or []) + list(self.redo) if s not in SYSTEMS]
         if unknown:
             raise ValueError(f"unknown system(s) {unknown}; known: {list(SYSTEMS)}")
@@ -61,6 +69,9 @@ class BenchConfig(StageConfig):
                 "min_word_count": self.min_word_count, "lm_epochs": self.lm_epochs, "n_boot": self.n_boot,
                 "earlier_epochs": self.earlier_epochs,
                 **({"projection_lr": self.projection_lr} if self.projection_lr is not None else {}),
+                **self.pretraining_payload(),
+                **({"decoding_choice": {"grid": CHOICE_GRID, "select": "bleu4 + ce_f1"}}
+                   if self.decoding_choice != "fixed" else {}),
                 **({"backbone": {"pretraining": self.backbone_pretraining, "steps": self.backbone_steps}}
                    if self.backbone_pretraining != "none" else {})}
 
@@ -88,7 +99,7 @@ def system_slugs(systems: str | list | None) -> list[str]:
 def notebook_config(dataset_root: str, dataset_kind: str = "auto", loader: dict | None = None, preset: str = "tiny",
                     run_root: str = "runs", seed: int = 0, device: str = "cpu", systems: str | list | None = "",
                     epochs: float = 0, lm_epochs: float = 0, smoke: bool = False, jobs: int = 0,
-                    backbone_pretraining: str = "labels") -> BenchConfig:
+                    backbone_pretraining: str = "labels", decoding_choice: str = "validation") -> BenchConfig:
     """The benchmark of the notebooks' parameters (04_benchmark runs it, 06_explore reads the same folder).
     `systems`: comma-separated slugs or a list, or "all" (every registered system); empty: the default list
     (the smoke list in a smoke run)."""
@@ -98,27 +109,44 @@ def notebook_config(dataset_root: str, dataset_kind: str = "auto", loader: dict 
     budget = {"lm_epochs": lm_epochs, **({"epochs": epochs} if epochs else {}), **(SMOKE_BUDGET if smoke else {})}
     return BenchConfig(dataset_root=dataset_root, dataset_kind=dataset_kind, preset=preset, run_root=run_root,
                        seed=seed, device=device, loader=loader or {}, systems=chosen or None, jobs=jobs,
-                       backbone_pretraining=backbone_pretraining, **budget)
+                       backbone_pretraining=backbone_pretraining, decoding_choice=decoding_choice, **budget)
 
 
 # The smoke run's systems on a second dataset (the iu-phantom of 04_benchmark).
 SMOKE_SECOND_SYSTEMS = ["most-common", "r2gen"]
 
 
+PRETRAIN_ON = ("main", "own")
+
+
 def for_dataset(config: BenchConfig, dataset_root: str, dataset_kind: str = "auto", systems: str | list | None = "",
-                smoke: bool = False, jobs: int = 1) -> BenchConfig:
+                smoke: bool = False, jobs: int | None = None, pretrain_on: str = "main") -> BenchConfig:
     """The same protocol and budget on another dataset (04_benchmark's iu-phantom), with its own
     systems (empty: the default list; in a smoke run SMOKE_SECOND_SYSTEMS).
 
-    `jobs` is 1 by default: on a new dataset most of the work is MambaXray-VL's chain of stages
-    (1, then 2, then 3), which waits for itself; in a worker with half the cores it ran about twice
-    as slowly (iu-phantom: 9 minutes against 5 in one process)."""
+    `pretrain_on`: "main" starts MambaXray-VL (and every system built on the stage-2 encoder) from the
+    earlier stages of `config`'s dataset, as the paper's IU X-Ray model starts from its CheXpert Plus
+    pre-training; its stage 3 and its report LM train on the new dataset. "own" trains stages 1 and 2 on
+    the new dataset too (the old setting: on the iu-phantom's 280 training studies stage 2 is 88 steps,
+    and its encoder stays near chance).
+
+    `jobs`: None is config.jobs with "main", 1 with "own", where most of the work is MambaXray-VL's chain
+    of stages (1, then 2, then 3), which waits for itself; in a worker with half the cores it ran about
+    twice as slowly (iu-phantom: 9 minutes against 5 in one process)."""
     from dataclasses import replace
 
+    if pretrain_on not in PRETRAIN_ON:
+        raise ValueError(f"pretrain_on must be one of {PRETRAIN_ON}, not {pretrain_on!r}")
     chosen = list(SMOKE_SECOND_SYSTEMS) if smoke else system_slugs(systems)
     loader = {} if dataset_kind == "r2gen" else config.loader
+    pretraining = (dict(pretrain_root=config.pretrain_root or config.dataset_root,
+                        pretrain_kind=config.pretrain_kind if config.pretrain_root else config.dataset_kind,
+                        pretrain_loader=config.pretrain_loader if config.pretrain_root else config.loader)
+                   if pretrain_on == "main" else dict(pretrain_root=None, pretrain_loader=None))
+    if jobs is None:
+        jobs = config.jobs if pretrain_on == "main" else 1
     return replace(config, dataset_root=dataset_root, dataset_kind=dataset_kind, loader=loader,
-                   systems=chosen or None, redo=[], jobs=jobs)
+                   systems=chosen or None, redo=[], jobs=jobs, **pretraining)
 
 
 def bench_dir(config: BenchConfig) -> Path:

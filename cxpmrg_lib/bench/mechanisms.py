@@ -22,7 +22,7 @@ from cxpmrg_lib.bench.config import BenchConfig
 from cxpmrg_lib.bench.runners import _FeatureSet, _pretrain_backbone, _stage2_tokens, _word_setup
 from cxpmrg_lib.bench.systems import System
 from cxpmrg_lib.bench.training import (_count, _Data, _elapsed, _fit, _Fitted, _lm_budget, _lm_epochs,
-                                       _projection_scale, _report_lm_dir, _train)
+                                       _projection_scale, _report_lm_dir, _test_decoding, _train)
 from cxpmrg_lib.util.fileio import write_json
 
 log = logging.getLogger(__name__)
@@ -161,10 +161,11 @@ def _run_context_residual(system: System, config: BenchConfig, data: _Data, run_
     _train(model, config, data, run_dir, desc=system.name, dataset=train_set,
            eval_fn=validation_fn(val_set, config.decoding()), loss_fn=loss_fn)
     test_set = _FeatureSet(tokens["test"], list(data.test.reports))
-    preds = generate_reports(model.eval(), test_set, batch_size=16, **config.decoding())
+    decoding = _test_decoding(model, val_set, config, run_dir)
+    preds = generate_reports(model.eval(), test_set, batch_size=16, **decoding)
     trainable, total = _count(model)
     return _Fitted(preds, model, _elapsed(run_dir) or time.perf_counter() - t0, trainable, total,
-                   pretrain_s=_elapsed(lm_dir.parent) + t_tokens, run_dir=str(run_dir),
+                   pretrain_s=_elapsed(lm_dir.parent) + t_tokens, run_dir=str(run_dir), decoding=decoding,
                    note=f"frozen stage-2 encoder and MambaXray-VL's frozen LM ({_lm_budget(config)}); residuals "
                         f"against the {opts['contexts']} most similar normal and abnormal training studies "
                         f"({int(normal.sum())} normal of {len(normal)})")

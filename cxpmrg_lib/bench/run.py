@@ -18,6 +18,7 @@ from cxpmrg_lib.bench.runners import RUNNERS as _BASE_RUNNERS, _FeatureSet, _mam
 from cxpmrg_lib.bench.systems import DEFAULT_SYSTEMS, REFERENCE, SYSTEMS, System
 from cxpmrg_lib.bench.training import _Data, _Fitted, _lm_epochs, _load_data, _report_lm_call, _stage2_call
 from cxpmrg_lib.runs import config_hash
+from cxpmrg_lib.stages.decoding import describe_decoding
 from cxpmrg_lib.util.fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def _speed(fitted: _Fitted, system: System, config: BenchConfig, data: _Data) ->
 
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        generate_reports(fitted.model.eval(), studies, batch_size=16, **config.decoding())
+        generate_reports(fitted.model.eval(), studies, batch_size=16, **(fitted.decoding or config.decoding()))
         seconds = time.perf_counter() - t0
     return {"reports_per_s": n / seconds, "peak_mib": mem.extra_mib}
 
@@ -123,7 +124,8 @@ def _fit_row(config: BenchConfig, slug: str) -> dict:
     measured.update({"train_min": fitted.train_s / 60, "pretrain_min": fitted.pretrain_s / 60,
                      "trainable_m": fitted.trainable / 1e6, "total_m": fitted.total / 1e6,
                      "wall_min": (time.perf_counter() - t0) / 60, "threads": torch.get_num_threads(),
-                     "run_dir": fitted.run_dir, "note": fitted.note})
+                     "run_dir": fitted.run_dir, "note": fitted.note,
+                     "decoding": describe_decoding(fitted.decoding) if fitted.decoding else ""})
     return {"row": row, "measured": measured}
 
 

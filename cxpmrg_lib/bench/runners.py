@@ -15,7 +15,9 @@ import torch
 from cxpmrg_lib.bench.config import BenchConfig
 from cxpmrg_lib.bench.systems import System
 from cxpmrg_lib.bench.training import (_count, _Data, _elapsed, _fit, _Fitted, _generate, _lm_budget, _lm_epochs,
-                                       _pretrain_seconds, _projection_scale, _report_lm_dir, _stage2_run, _train)
+                                       _pretrain_seconds, _projection_scale, _report_lm_dir, _stage2_run,
+                                       _test_decoding, _train)
+from cxpmrg_lib.runs import read_summary
 from cxpmrg_lib.util.fileio import write_json
 
 log = logging.getLogger(__name__)
@@ -163,7 +165,9 @@ def _mamba_config(system: System, config: BenchConfig):
                           earlier_epochs=config.earlier_epochs, checkpoint_every=config.checkpoint_every,
                           projection_lr=config.projection_lr,
                           encoder_pretraining=dict(system.options).get("encoder_pretraining", "none"),
-                          encoder_pretraining_steps=config.backbone_steps, **config.decoding())
+                          encoder_pretraining_steps=config.backbone_steps, pretrain_root=config.pretrain_root,
+                          pretrain_kind=config.pretrain_kind, pretrain_loader=config.pretrain_loader,
+                          decoding_choice=config.decoding_choice, **config.decoding())
 
 
 def _run_mamba(system: System, config: BenchConfig, data: _Data, run_dir: Path) -> _Fitted:
@@ -178,6 +182,7 @@ def _run_mamba(system: System, config: BenchConfig, data: _Data, run_dir: Path) 
     step = json.loads((run / "encoder_pretraining.json").read_text()) if (run / "encoder_pretraining.json").exists() else {}
     return _Fitted(list(preds["prediction"]), model, _elapsed(run), trainable, total,
                    pretrain_s=_pretrain_seconds(run) + step.get("seconds", 0.0), run_dir=str(run),
+                   decoding=read_summary(run).get("decoding") or config.decoding(),
                    note=f"stage-3 run {run.name}" + (f"; encoder first trained on the training findings "
                                                      f"({step['steps']} steps)" if step else ""))
 
@@ -255,10 +260,11 @@ def _run_lm_swap(system: System, config: BenchConfig, data: _Data, run_dir: Path
     from cxpmrg_lib.stages.report import generate_reports
 
     test_set = _FeatureSet(tokens["test"], list(data.test.reports))
-    preds = generate_reports(model.eval(), test_set, batch_size=16, **config.decoding())
+    decoding = _test_decoding(model, val_set, config, run_dir)
+    preds = generate_reports(model.eval(), test_set, batch_size=16, **decoding)
     trainable, total = _count(model)
     return _Fitted(preds, model, _elapsed(run_dir) or time.perf_counter() - t0, trainable, total,
-                   pretrain_s=_elapsed(lm_dir.parent) + t_tokens, run_dir=str(run_dir),
+                   pretrain_s=_elapsed(lm_dir.parent) + t_tokens, run_dir=str(run_dir), decoding=decoding,
                    note=f"{type(lm).__name__}, LM trained {_lm_budget(config)}; frozen stage-2 encoder")
 
 

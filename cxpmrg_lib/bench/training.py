@@ -49,6 +49,7 @@ class _Fitted:
     pretrain_s: float = 0.0
     run_dir: str | None = None
     note: str = ""
+    decoding: dict | None = None  # the test decoding (chosen on validation or the protocol's); None: no decoding
 
 
 def _elapsed(run_dir: Path) -> float:
@@ -107,10 +108,18 @@ def _projection_scale(system: System, config: BenchConfig) -> float:
     return projection_lr_scale(config.projection_lr, {"lr": _peak_lr(system, config)})
 
 
-def _generate(model, studies, config: BenchConfig) -> list[str]:
+def _generate(model, studies, config: BenchConfig, decoding: dict | None = None) -> list[str]:
     from cxpmrg_lib.stages.report import generate_reports
 
-    return generate_reports(model.eval(), studies, batch_size=16, **config.decoding())
+    return generate_reports(model.eval(), studies, batch_size=16, **(decoding or config.decoding()))
+
+
+def _test_decoding(model, val, config: BenchConfig, run_dir: Path) -> dict:
+    """The decoding a trained system writes its test reports with: chosen on its validation studies
+    (config.decoding_choice "validation", the same grid and rule for every system) or the protocol's."""
+    from cxpmrg_lib.stages.decoding import decoding_for
+
+    return decoding_for(model, val, config.decoding(), config.decoding_choice, run_dir)
 
 
 def _fit(model, system: System, config: BenchConfig, data: _Data, run_dir: Path, pretrain_s: float = 0.0,
@@ -118,10 +127,11 @@ def _fit(model, system: System, config: BenchConfig, data: _Data, run_dir: Path,
     """Train a system's network under the shared budget (its own peak lr), then write the test reports."""
     t0 = time.perf_counter()
     _train(model, config, data, run_dir, desc=system.name, lr=dict(system.options).get("lr"), loss_fn=loss_fn)
-    preds = _generate(model, data.test, config)
+    decoding = _test_decoding(model, data.val, config, run_dir)
+    preds = _generate(model, data.test, config, decoding)
     trainable, total = _count(model)
     return _Fitted(preds, model, _elapsed(run_dir) or time.perf_counter() - t0, trainable, total,
-                   pretrain_s=pretrain_s, run_dir=str(run_dir), note=note)
+                   pretrain_s=pretrain_s, run_dir=str(run_dir), note=note, decoding=decoding)
 
 
 def _stage2_call(config: BenchConfig, init: str = "stage1"):
@@ -131,7 +141,7 @@ def _stage2_call(config: BenchConfig, init: str = "stage1"):
 
     from cxpmrg_lib.stages.contrastive import ContrastiveConfig, pretrain_contrastive
 
-    return partial(pretrain_contrastive, ContrastiveConfig(**config.shared(), init=init, epochs=config.earlier_epochs,
+    return partial(pretrain_contrastive, ContrastiveConfig(**config.earlier_shared(), init=init, epochs=config.earlier_epochs,
                                                            stage1_epochs=config.earlier_epochs))
 
 

@@ -39,6 +39,12 @@ class StageConfig:
     loader: dict = field(default_factory=lambda: dict(DEFAULT_LOADER))  # load_study_table options
     device: str = "auto"                 # not part of the hash: the result does not depend on it beyond float noise
     on_bad_image: str = "skip"           # "skip": drop unreadable views and count them; "error": stop at the first
+    # The dataset the earlier stages (1 and 2) pre-train on, when it is not this one (stage 3 and the benchmark
+    # only): a small dataset's report generator starts from an encoder pre-trained on a larger one, as the
+    # paper's IU X-Ray model starts from its CheXpert Plus pre-training. None: this dataset.
+    pretrain_root: str | None = None
+    pretrain_kind: str = "auto"
+    pretrain_loader: dict | None = None  # its load_study_table options; None: the default loader
 
     preset_defaults = "stage1"           # class attribute, not a field
 
@@ -62,6 +68,23 @@ class StageConfig:
         """The fields an earlier stage's config takes from this one (same data, preset, seed, folders)."""
         return {k: getattr(self, k) for k in ("dataset_root", "dataset_kind", "preset", "run_root", "seed",
                                               "loader", "device", "on_bad_image")}
+
+    def earlier_shared(self) -> dict:
+        """shared(), on the pre-training dataset when there is one: the fields of the earlier stages' configs
+        (stage 1, stage 2) that a stage-3 or benchmark config asks for."""
+        common = self.shared()
+        if self.pretrain_root:
+            common.update(dataset_root=self.pretrain_root, dataset_kind=self.pretrain_kind,
+                          loader=dict(DEFAULT_LOADER if self.pretrain_loader is None else self.pretrain_loader))
+        return common
+
+    def pretraining_payload(self) -> dict:
+        """The pre-training dataset as part of a hashed payload; empty without one (the hashes of runs made
+        before the option are kept)."""
+        if not self.pretrain_root:
+            return {}
+        earlier = StageConfig(**{k: v for k, v in self.earlier_shared().items()})
+        return {"pretraining": earlier.payload("pretraining")}
 
     def payload(self, stage: str) -> dict:
         """The start of the hashed description of a run: which stage on which data."""

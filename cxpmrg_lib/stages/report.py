@@ -160,6 +160,10 @@ class FinetuneConfig(StageConfig):
     # before stage 3 ("labels" | "contrastive"), for a row that holds the supervision equal; "none": the paper
     encoder_pretraining: str = "none"
     encoder_pretraining_steps: int = 300
+    # The test decoding: "validation" chooses it on the validation studies from stages.decoding.CHOICE_GRID
+    # by the checkpoint rule (BLEU-4 + CE-F1); "fixed": num_beams / repetition_penalty /
+    # no_repeat_ngram_size above (the old setting)
+    decoding_choice: str = "validation"
 
     preset_defaults = "stage3"
 
@@ -169,6 +173,10 @@ class FinetuneConfig(StageConfig):
             raise ValueError(f"init must be one of {INITS}, not {self.init!r}")
         if self.encoder_pretraining not in ("none", "labels", "contrastive"):
             raise ValueError(f"encoder_pretraining must be none, labels or contrastive, not {self.encoder_pretraining!r}")
+        from cxpmrg_lib.stages.decoding import DECODING_CHOICES
+
+        if self.decoding_choice not in DECODING_CHOICES:
+            raise ValueError(f"decoding_choice must be one of {DECODING_CHOICES}, not {self.decoding_choice!r}")
 
 
 def _encoder_call(config: FinetuneConfig):
@@ -178,7 +186,7 @@ def _encoder_call(config: FinetuneConfig):
     from cxpmrg_lib.stages.autoregressive import AutoregressiveConfig, pretrain_autoregressive
     from cxpmrg_lib.stages.contrastive import ContrastiveConfig, pretrain_contrastive
 
-    common = config.shared()
+    common = config.earlier_shared()
     if config.init == "random":
         return None
     if config.init == "stage1":
@@ -236,7 +244,8 @@ def finetune_report(config: FinetuneConfig) -> Path:
     payload = {**config.payload("finetune"), "init": config.init,
                "encoder_run": encoder_run.name if encoder_run else None, "lm": str(Path(lm_dir).resolve()),
                "freeze_encoder": config.freeze_encoder, "max_studies": config.max_studies,
-               "max_images": config.max_images, "val_studies": config.val_studies, "train": settings}
+               "max_images": config.max_images, "val_studies": config.val_studies, "train": settings,
+               **config.pretraining_payload()}
     if config.projection_lr is not None:      # None keeps the hash of runs made before the option
         payload["projection_lr"] = config.projection_lr
     if config.encoder_pretraining != "none":
@@ -397,20 +406,32 @@ def _count_truncated(head, reports: list[str]) -> int:
 
 
 def _test_config(config: FinetuneConfig) -> dict:
-    return {"test_studies": config.test_studies, **_decoding(config)}
+    choice = {"decoding_choice": config.decoding_choice} if config.decoding_choice != "fixed" else {}
+    return {"test_studies": config.test_studies, **_decoding(config), **choice}
 
 
 def _test_predictions(model, config: FinetuneConfig, run_dir: Path) -> dict:
-    """Generate for the test split with the default decoding; write predictions_test.csv and its metrics."""
+    """Generate for the test split with the run's test decoding (config.decoding_choice: chosen on the
+    validation studies, or the config's); write predictions_test.csv and its metrics, and the decoding into
+    generator.json (what the exported generator uses)."""
     import time
 
     from cxpmrg_lib.metrics.evaluate import evaluate_file
+    from cxpmrg_lib.stages.decoding import decoding_for
 
     size = model.encoder.config.image_size
+    decoding = _decoding(config)
+    if config.decoding_choice != "fixed":
+        val, _ = load_studies(config.dataset_root, size, "val", config.dataset_kind, config.val_studies,
+                              config.loader, config.max_images, on_bad_image=config.on_bad_image)
+        decoding = decoding_for(model, val, decoding, config.decoding_choice, run_dir)
+    generator = run_dir / "generator.json"
+    if generator.exists():
+        write_json(generator, {**json.loads(generator.read_text()), "decoding": decoding})
     test, table = load_studies(config.dataset_root, size, "test", config.dataset_kind, config.test_studies,
                                config.loader, config.max_images, on_bad_image=config.on_bad_image)
     t0 = time.perf_counter()
-    preds = generate_reports(model, test, batch_size=16, **_decoding(config))
+    preds = generate_reports(model, test, batch_size=16, **decoding)
     seconds = time.perf_counter() - t0
     frame = pd.DataFrame({"study_id": table["study_id"].astype(str), "reference": table["report"],
                           "prediction": preds})
@@ -418,7 +439,7 @@ def _test_predictions(model, config: FinetuneConfig, run_dir: Path) -> dict:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     evaluation = evaluate_file(path, n_boot=1000, seed=config.seed)
-    return {"test_config": _test_config(config), "test_studies": len(frame), "generation_s": seconds, "reports_per_s": len(frame) / max(seconds, 1e-9),
+    return {"test_config": _test_config(config), "decoding": decoding, "test_studies": len(frame), "generation_s": seconds, "reports_per_s": len(frame) / max(seconds, 1e-9),
             "test_metrics": evaluation["metrics"], "test_ci": evaluation.get("ci")}
 
 

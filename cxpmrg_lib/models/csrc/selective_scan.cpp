@@ -35,17 +35,25 @@ namespace {
 constexpr int64_t CHUNK = 32;       // steps between forward checkpoints (a chunk's buffers stay in L2)
 constexpr int64_t MAX_STATE = 256;  // the largest state count (mamba-ssm's own limit)
 
-// Lanes of one block are one GCC vector (16 floats or 8 doubles: an AVX-512 register, or two
-// AVX2 ones where the CPU lacks AVX-512); the vector extension makes the vectorisation explicit
-// instead of hoping the auto-vectoriser takes the exp's branches and bit casts.
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef double vd __attribute__((vector_size(64)));
-typedef int64_t vl __attribute__((vector_size(64)));
+// Lanes of one block are one GCC vector, one register of the machine: 16 floats or 8 doubles with
+// AVX-512, 8 floats or 4 doubles with AVX2 only. The vector extension makes the vectorisation explicit
+// instead of hoping the auto-vectoriser takes the exp's branches and bit casts. (64-byte vectors on
+// an AVX2 CPU, two registers each, left the 16 states no room: the recurrence spilled, and shuffles
+// across the two halves did not map onto instructions. On an AVX2-only EPYC the 4-way encoder's
+// scan then took 64% of its training step, and the compiled kernel was 1.4x the pure-PyTorch one.)
+#if defined(__AVX512F__)
+#define CXPMRG_VBYTES 64
+#else
+#define CXPMRG_VBYTES 32
+#endif
+typedef float vf __attribute__((vector_size(CXPMRG_VBYTES)));
+typedef int32_t vi __attribute__((vector_size(CXPMRG_VBYTES)));
+typedef double vd __attribute__((vector_size(CXPMRG_VBYTES)));
+typedef int64_t vl __attribute__((vector_size(CXPMRG_VBYTES)));
 
 template <typename T> struct Lanes;
-template <> struct Lanes<float> { static constexpr int W = 16; using V = vf; };
-template <> struct Lanes<double> { static constexpr int W = 8; using V = vd; };
+template <> struct Lanes<float> { static constexpr int W = CXPMRG_VBYTES / 4; using V = vf; };
+template <> struct Lanes<double> { static constexpr int W = CXPMRG_VBYTES / 8; using V = vd; };
 
 // ---------------------------------------------------------------- lane-wise math
 // exp2 of float lanes: 2^x = 2^k 2^f with k = round(x), f in [-1/2, 1/2], 2^f by its degree-6
@@ -85,7 +93,7 @@ inline vf exp2_v(vf x) {
 inline vf exp_v(vf v) { return exp2_v(v * LOG2E); }
 
 inline vd exp_v(vd v) {
-  for (int w = 0; w < 8; ++w) v[w] = std::exp(v[w]);
+  for (int w = 0; w < Lanes<double>::W; ++w) v[w] = std::exp(v[w]);
   return v;
 }
 
@@ -114,7 +122,7 @@ inline vf softplus_v(vf x) {
 }
 
 inline vd softplus_v(vd x) {
-  for (int w = 0; w < 8; ++w) x[w] = x[w] > 20.0 ? x[w] : std::log1p(std::exp(x[w]));
+  for (int w = 0; w < Lanes<double>::W; ++w) x[w] = x[w] > 20.0 ? x[w] : std::log1p(std::exp(x[w]));
   return x;
 }
 
@@ -131,6 +139,7 @@ inline V sigmoid_v(V x) {
 inline vf fold(vf x, vf y, vi lo, vi h) { return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, lo + h); }
 inline vd fold(vd x, vd y, vl lo, vl h) { return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, lo + h); }
 
+#if CXPMRG_VBYTES == 64
 inline vf reduce_lanes(vf* p) {
   const vi l8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
   const vi l4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
@@ -152,6 +161,25 @@ inline vd reduce_lanes(vd* p) {
   const vl natural = {0, 4, 2, 6, 1, 5, 3, 7};
   return __builtin_shuffle(fold(p[0], p[1], l1, vl{} + 1), natural);
 }
+#else
+inline vf reduce_lanes(vf* p) {
+  const vi l4 = {0, 1, 2, 3, 8, 9, 10, 11};
+  const vi l2 = {0, 1, 8, 9, 4, 5, 12, 13};
+  const vi l1 = {0, 8, 2, 10, 4, 12, 6, 14};
+  for (int k = 0; k < 4; ++k) p[k] = fold(p[2 * k], p[2 * k + 1], l4, vi{} + 4);
+  for (int k = 0; k < 2; ++k) p[k] = fold(p[2 * k], p[2 * k + 1], l2, vi{} + 2);
+  const vi natural = {0, 4, 2, 6, 1, 5, 3, 7};
+  return __builtin_shuffle(fold(p[0], p[1], l1, vi{} + 1), natural);
+}
+
+inline vd reduce_lanes(vd* p) {
+  const vl l2 = {0, 1, 4, 5};
+  const vl l1 = {0, 4, 2, 6};
+  for (int k = 0; k < 2; ++k) p[k] = fold(p[2 * k], p[2 * k + 1], l2, vl{} + 2);
+  const vl natural = {0, 2, 1, 3};
+  return __builtin_shuffle(fold(p[0], p[1], l1, vl{} + 1), natural);
+}
+#endif
 
 // In-register transpose of W vectors of W lanes (r[i][j] becomes r[j][i]): stage s swaps bit s of
 // the vector index with bit s of the lane index, two two-source shuffles per pair of vectors.
@@ -170,18 +198,14 @@ inline void transpose_stage(V* r, int s) {
   }
 }
 
-inline void transpose(vf* r) {
-  transpose_stage<vf, vi, 16>(r, 8);
-  transpose_stage<vf, vi, 16>(r, 4);
-  transpose_stage<vf, vi, 16>(r, 2);
-  transpose_stage<vf, vi, 16>(r, 1);
+template <typename V, typename I, int W, int S = W / 2>
+inline void transpose_all(V* r) {  // the stages S = W/2, W/4, ..., 1, each with compile-time masks
+  transpose_stage<V, I, W>(r, S);
+  if constexpr (S > 1) transpose_all<V, I, W, S / 2>(r);
 }
 
-inline void transpose(vd* r) {
-  transpose_stage<vd, vl, 8>(r, 4);
-  transpose_stage<vd, vl, 8>(r, 2);
-  transpose_stage<vd, vl, 8>(r, 1);
-}
+inline void transpose(vf* r) { transpose_all<vf, vi, Lanes<float>::W>(r); }
+inline void transpose(vd* r) { transpose_all<vd, vl, Lanes<double>::W>(r); }
 
 // ---------------------------------------------------------------- argument views
 template <typename T>
