@@ -153,7 +153,10 @@ def upstream_runs(run_dir: str | os.PathLike) -> Iterator[Path]:
                 todo.append(Path(ref))
         if resolved.get("encoder_run"):
             stage = "contrastive" if resolved.get("init", "").startswith("stage2") else "autoregressive"
-            todo.append(run.parents[1] / stage / resolved["encoder_run"])
+            home = run.parents[1]           # <run_root>/<dataset>/<preset>, or the pre-training dataset's
+            if isinstance(resolved.get("pretraining"), dict) and resolved["pretraining"].get("dataset"):
+                home = run.parents[3] / (Path(resolved["pretraining"]["dataset"]).name or "dataset") / run.parents[1].name
+            todo.append(home / stage / resolved["encoder_run"])
 
 
 def find_runs(run_root: str | os.PathLike) -> list[Path]:

@@ -216,3 +216,23 @@ def test_the_decoding_choice_is_part_of_the_protocol():
     assert "decoding_choice" not in fixed.protocol()            # the old protocol keeps its hash
     with pytest.raises(ValueError, match="decoding_choice"):
         notebook_config("x", decoding_choice="sampled")
+
+
+def test_upstream_runs_find_an_encoder_pretrained_on_another_dataset(tmp_path):
+    """A stage-3 run on the iu-phantom whose encoder is the main phantom's stage 2: its pre-training minutes
+    (bench cost table) come from that run, under the other dataset's folder."""
+    import yaml
+
+    from cxpmrg_lib.runs import upstream_runs
+
+    def run(path, resolved):
+        path.mkdir(parents=True)
+        (path / "config.yaml").write_text(yaml.safe_dump({"config": {}, "resolved": resolved}))
+        return path
+
+    stage2 = run(tmp_path / "phantom_n1500" / "tiny" / "contrastive" / "aaa", {"stage": "contrastive"})
+    lm = run(tmp_path / "iu" / "tiny" / "report_lm" / "bbb", {"stage": "report_lm"})
+    stage3 = run(tmp_path / "iu" / "tiny" / "finetune" / "ccc",
+                 {"stage": "finetune", "init": "stage2", "encoder_run": "aaa", "lm": str(lm / "lm"),
+                  "pretraining": {"stage": "pretraining", "dataset": "/data/phantom_n1500"}})
+    assert set(upstream_runs(stage3)) == {stage2, lm}

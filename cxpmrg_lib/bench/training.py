@@ -141,7 +141,8 @@ def _stage2_call(config: BenchConfig, init: str = "stage1"):
 
     from cxpmrg_lib.stages.contrastive import ContrastiveConfig, pretrain_contrastive
 
-    return partial(pretrain_contrastive, ContrastiveConfig(**config.earlier_shared(), init=init, epochs=config.earlier_epochs,
+    return partial(pretrain_contrastive, ContrastiveConfig(**config.earlier_shared(), init=init,
+                                                           epochs=config.earlier_epochs,
                                                            stage1_epochs=config.earlier_epochs))
 
 

@@ -17,13 +17,14 @@ from typing import Mapping
 import pandas as pd
 
 from cxpmrg_lib.data.observations import CHEXPERT_LABELS
-from cxpmrg_lib.runs import read_metrics
+from cxpmrg_lib.runs import is_finished, read_config, read_metrics, read_summary, upstream_runs
 from cxpmrg_lib.stages.decoding import SWEEP_GRID, decoding_sweep
 from cxpmrg_lib.stages.probe import feature_spread
 
 log = logging.getLogger(__name__)
 
-__all__ = ["validation_curves", "label_rates", "decoding_sweep", "feature_spread", "SWEEP_GRID", "collapse_table"]
+__all__ = ["validation_curves", "label_rates", "decoding_sweep", "feature_spread", "SWEEP_GRID", "collapse_table",
+           "language_model_table"]
 
 def validation_curves(runs: Mapping[str, str | os.PathLike]) -> pd.DataFrame:
     """One row per (system, validation step): bleu4, ce_f1, distinct and the pos:/ref: label rates.
@@ -68,3 +69,23 @@ def collapse_table(curves: pd.DataFrame) -> pd.DataFrame:
                      "BLEU-4 last": last["bleu4"], "distinct first": first["distinct"],
                      "distinct last": last["distinct"], "findings named": named})
     return pd.DataFrame(rows).set_index("system") if rows else pd.DataFrame()
+
+
+def language_model_table(runs: Mapping[str, str | os.PathLike]) -> pd.DataFrame:
+    """Per stage-3 run (name -> run folder): the frozen report LM it was built on (training reports, steps,
+    final loss) beside the stage's own final loss. A frozen LM that has not learned the reports' language
+    (a high loss) bounds what the projection and the encoder can make it write: the paper's LMs are
+    pre-trained (Llama-2; Qwen1.5-1.8B for IU X-Ray), the tiny preset's is trained here on the training
+    reports. Runs without a report-LM run of this project (a local pretrained LM) show blanks."""
+    rows = []
+    for name, run in runs.items():
+        if run is None or isinstance(run, float) or not is_finished(run):
+            continue
+        lm = next((u for u in upstream_runs(run) if read_config(u).get("resolved", {}).get("stage") == "report_lm"
+                   and is_finished(u)), None)
+        lm_summary = read_summary(lm) if lm is not None else {}
+        summary = read_summary(run)
+        rows.append({"run": name, "LM training reports": lm_summary.get("train_reports"),
+                     "LM steps": lm_summary.get("steps"), "LM final loss": lm_summary.get("final_loss"),
+                     "stage-3 steps": summary.get("steps"), "stage-3 final loss": summary.get("final_loss")})
+    return pd.DataFrame(rows).set_index("run") if rows else pd.DataFrame()

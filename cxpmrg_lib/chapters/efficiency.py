@@ -77,8 +77,11 @@ def machine_summary() -> str:
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         load = "unknown"
+    from cxpmrg_lib.models.ssm_build import kernel_lanes
+
     return (f"{_cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}; load average {load} "
+            f"{torch.get_num_threads()} threads, Python {platform.python_version()}; compiled scan: "
+            f"{kernel_lanes()}; load average {load} "
             "(other processes slow every system alike: the implementations are timed in turn, interleaved)")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_kernel", "kernel_problem", "SOURCE", "OPS_NAMESPACE"]
+__all__ = ["load_kernel", "kernel_problem", "kernel_lanes", "SOURCE", "OPS_NAMESPACE"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,16 @@ def _cpu_key() -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+def kernel_lanes() -> str:
+    """The lane vector the -march=native build gives this CPU (the kernel's block width), in words."""
+    flags = set(_cpu_key().split())
+    if "avx512f" in flags:
+        return "16 float lanes (AVX-512)"
+    if "avx2" in flags:
+        return "8 float lanes (AVX2, no AVX-512)"
+    return "8 float lanes (no AVX2: the compiler splits them)"
 
 
 def _build_name() -> str:
