@@ -28,7 +28,8 @@ def _stage3_config(data, **kw):
             "init": "stage2", "freeze_encoder": False, "lm_pretrained": None, "max_studies": None, "max_images": 2,
             "val_studies": 64, "test_studies": None, "num_beams": 3, "repetition_penalty": 2.0,
             "no_repeat_ngram_size": 3, "earlier_epochs": None, "checkpoint_every": 200, "projection_lr": 3e-3,
-            "encoder_pretraining": "none", "encoder_pretraining_steps": 300, **kw}
+            "encoder_pretraining": "none", "encoder_pretraining_steps": 300, "pretrain_root": None,
+            "pretrain_kind": "auto", "pretrain_loader": None, "decoding_choice": "validation", **kw}
 
 
 def test_run_table_reads_every_run_and_says_what_is_missing(tmp_path):
@@ -81,9 +82,15 @@ def test_the_cxpmrg_rerun_command_rebuilds_the_recorded_config(tmp_path):
     assert "-p seed 3" in cmds["papermill_fresh"] and "-p run_root fresh" in cmds["papermill_fresh"]
     args = cli.build_parser().parse_args(shlex.split(cmds["cxpmrg"])[1:])
     got = FinetuneConfig(**cli._stage_common(args), init=args.init, lm_pretrained=args.lm_pretrained,
-                         freeze_encoder=args.freeze_encoder, num_beams=args.beams, test_studies=args.test_studies)
+                         freeze_encoder=args.freeze_encoder, num_beams=args.beams, test_studies=args.test_studies,
+                         decoding_choice=args.decoding)
     from dataclasses import asdict
     assert {**asdict(got), "run_root": "runs"} == config
+    assert "--decoding" not in cmds["cxpmrg"] and "decoding_choice" not in cmds["papermill_fresh"]
+    # a run recorded before the decoding choice existed (no key) was written with the fixed decoding
+    old = {k: v for k, v in config.items() if k != "decoding_choice"}
+    old_cmds = repro.rerun_commands(_run(tmp_path / "runs3", "finetune", "eee555", old, {"test_metrics": {"bleu4": 0.1}}))
+    assert "--decoding fixed" in old_cmds["cxpmrg"] and "-p decoding_choice fixed" in old_cmds["papermill_fresh"]
     # a smoke run sets what the CLI has no flag for: no shell command, the reason instead
     smoke = _run(tmp_path / "runs2", "finetune", "ddd444", _stage3_config(tmp_path, seed=0, epochs=1, earlier_epochs=1,
                                                                         val_studies=8, test_studies=16), {})

@@ -285,6 +285,10 @@ def rerun_commands(run_dir: str | os.PathLike, fresh_run_root: str = "runs-rerun
         params.append(("freeze_encoder", True))
     if config.get("num_beams", 3) != 3:
         params.append(("num_beams", config["num_beams"]))
+    # a run recorded before the decoding choice existed was written with the fixed decoding
+    fixed = config.get("decoding_choice", "fixed") != "validation"
+    if fixed:
+        params.append(("decoding_choice", "fixed"))
     if smoke:
         params.append(("smoke", True))
 
@@ -296,7 +300,7 @@ def rerun_commands(run_dir: str | os.PathLike, fresh_run_root: str = "runs-rerun
     no_flag = {k: config.get(k) for k, default in (("val_studies", 64), ("earlier_epochs", None),
                                                    ("max_studies", None), ("max_images", 2),
                                                    ("repetition_penalty", 2.0), ("no_repeat_ngram_size", 3),
-                                                   ("encoder_pretraining", "none"))
+                                                   ("encoder_pretraining", "none"), ("pretrain_root", None))
                if config.get(k, default) != default}
     if loader and loader != {"section": "findings", "split": "patient"}:
         no_flag["loader"] = loader
@@ -314,6 +318,8 @@ def rerun_commands(run_dir: str | os.PathLike, fresh_run_root: str = "runs-rerun
         if config.get("freeze_encoder"):
             flags.append("--freeze-encoder")
         flags.append(f"--beams {config.get('num_beams', 3)}")
+        if fixed:
+            flags.append("--decoding fixed")
         cli = f"cxpmrg finetune {' '.join(flags)} --run-root {fresh_run_root}"
 
     python = ("python -c \"import yaml; from cxpmrg_lib.stages import FinetuneConfig, finetune_report, read_summary; "
