@@ -155,7 +155,7 @@ def upstream_runs(run_dir: str | os.PathLike) -> Iterator[Path]:
             stage = "contrastive" if resolved.get("init", "").startswith("stage2") else "autoregressive"
             home = run.parents[1]           # <run_root>/<dataset>/<preset>, or the pre-training dataset's
             if isinstance(resolved.get("pretraining"), dict) and resolved["pretraining"].get("dataset"):
-                home = run.parents[3] / (Path(resolved["pretraining"]["dataset"]).name or "dataset") / run.parents[1].name
+                home = dataset_dir(run.parents[3], resolved["pretraining"]["dataset"], run.parents[1].name)
             todo.append(home / stage / resolved["encoder_run"])
 
 

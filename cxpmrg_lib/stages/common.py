@@ -83,8 +83,7 @@ class StageConfig:
         before the option are kept)."""
         if not self.pretrain_root:
             return {}
-        earlier = StageConfig(**{k: v for k, v in self.earlier_shared().items()})
-        return {"pretraining": earlier.payload("pretraining")}
+        return {"pretraining": StageConfig(**self.earlier_shared()).payload("pretraining")}
 
     def payload(self, stage: str) -> dict:
         """The start of the hashed description of a run: which stage on which data."""

@@ -92,9 +92,9 @@ def decoding_for(model, val, default: Mapping, choice: str, run_dir) -> dict:
     if choice == "fixed":
         return dict(default)
     path = Path(run_dir) / "decoding.json"
+    grid = {k: list(v) for k, v in CHOICE_GRID.items()}     # as the record holds it (JSON lists)
     if path.exists():
         record = json.loads(path.read_text())
-        grid = {k: list(v) for k, v in CHOICE_GRID.items()}
         if record.get("default") == dict(default) and record.get("grid") == grid:
             return record["chosen"]
     was = model.training
@@ -102,6 +102,6 @@ def decoding_for(model, val, default: Mapping, choice: str, run_dir) -> dict:
     model.train(was)
     with atomic_path(Path(run_dir) / "decoding_choice.csv") as tmp:
         table.to_csv(tmp, index=False)
-    write_json(path, {"chosen": chosen, "default": dict(default), "grid": {k: list(v) for k, v in CHOICE_GRID.items()},
+    write_json(path, {"chosen": chosen, "default": dict(default), "grid": grid,
                       "select": "bleu4 + ce_f1", "val_studies": len(val), "description": describe_decoding(chosen)})
     return chosen

@@ -300,7 +300,7 @@ def finetune_report(config: FinetuneConfig) -> Path:
                "final_loss": result.final_loss, "best": result.best, "train_studies": len(studies),
                "typical_report_tokens": typical, "truncated_reports": truncated,
                "skipped_images": len(getattr(studies, "bad_images", [])) + len(getattr(val, "bad_images", []))}
-    summary.update(_test_predictions(model, config, run_dir))
+    summary.update(_test_predictions(model, config, run_dir, val=val))
     finish_run(run_dir, summary)
     _export(run_dir)
     return run_dir
@@ -410,10 +410,11 @@ def _test_config(config: FinetuneConfig) -> dict:
     return {"test_studies": config.test_studies, **_decoding(config), **choice}
 
 
-def _test_predictions(model, config: FinetuneConfig, run_dir: Path) -> dict:
+def _test_predictions(model, config: FinetuneConfig, run_dir: Path, val=None) -> dict:
     """Generate for the test split with the run's test decoding (config.decoding_choice: chosen on the
     validation studies, or the config's); write predictions_test.csv and its metrics, and the decoding into
-    generator.json (what the exported generator uses)."""
+    generator.json (what the exported generator uses). `val`: the validation studies when the caller has
+    them loaded already (the training run's)."""
     import time
 
     from cxpmrg_lib.metrics.evaluate import evaluate_file
@@ -422,8 +423,9 @@ def _test_predictions(model, config: FinetuneConfig, run_dir: Path) -> dict:
     size = model.encoder.config.image_size
     decoding = _decoding(config)
     if config.decoding_choice != "fixed":
-        val, _ = load_studies(config.dataset_root, size, "val", config.dataset_kind, config.val_studies,
-                              config.loader, config.max_images, on_bad_image=config.on_bad_image)
+        if val is None:
+            val, _ = load_studies(config.dataset_root, size, "val", config.dataset_kind, config.val_studies,
+                                  config.loader, config.max_images, on_bad_image=config.on_bad_image)
         decoding = decoding_for(model, val, decoding, config.decoding_choice, run_dir)
     generator = run_dir / "generator.json"
     if generator.exists():
