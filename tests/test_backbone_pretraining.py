@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cxpmrg_lib.models.zoo.common import SmallResNet, pool_views
-from cxpmrg_lib.stages.backbone import finding_targets, pretrain_backbone
+from cxpmrg_lib.stages.backbone import finding_targets, pretrain_backbone, shared_pretrain_backbone, weights_digest
 from cxpmrg_lib.data.observations import CHEXPERT_LABELS
 
 EFFUSION = CHEXPERT_LABELS.index("Pleural Effusion")
@@ -79,6 +79,27 @@ def test_pretraining_teaches_the_backbone_the_finding(objective, tmp_path):
     pretrain_backbone(backbone, backbone, studies, objective, steps=1, text_config=get_preset("tiny").text,
                       work_dir=tmp_path / "again")
     assert not backbone.training
+
+
+def test_backbones_from_the_same_start_share_one_pretraining(tmp_path):
+    """Two systems whose backbones start from the same weights get one pre-training: the second loads the
+    first's result (equal weights, the first's record); another start or another step count trains anew."""
+    studies = _Studies(16)
+
+    def fresh(seed=0):
+        torch.manual_seed(seed)
+        return SmallResNet(dim=16, widths=(8,))
+
+    first, second, other = fresh(), fresh(), fresh(1)
+    assert weights_digest(first) == weights_digest(second) != weights_digest(other)
+    a = shared_pretrain_backbone(tmp_path, first, studies, steps=3, desc="first")
+    b = shared_pretrain_backbone(tmp_path, second, studies, steps=3, desc="second")
+    assert not a["reused"] and b["reused"] and b["trained_by"] == "first" and b["seconds"] == a["seconds"]
+    assert all(torch.equal(v, second.state_dict()[k]) for k, v in first.state_dict().items())
+    assert weights_digest(first) != weights_digest(fresh())      # it was trained
+    c = shared_pretrain_backbone(tmp_path, other, studies, steps=3, desc="other")
+    d = shared_pretrain_backbone(tmp_path, fresh(), studies, steps=2, desc="shorter")
+    assert not c["reused"] and not d["reused"] and len({a["folder"], c["folder"], d["folder"]}) == 3
 
 
 def test_unknown_objective_and_nothing_to_learn_are_refused():

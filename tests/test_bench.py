@@ -24,6 +24,19 @@ def test_backbone_pretraining_is_checked_and_part_of_the_protocol(phantom):
     assert BenchConfig(dataset_root=root, backbone_steps=10).protocol() != labels
 
 
+def test_the_upstream_runs_training_is_part_of_the_protocol(phantom, monkeypatch):
+    """A row is keyed by how the runs it builds on are trained: a row fitted on a report LM of another
+    budget is not reused (the iu-phantom's rows on its 53-step LM were, before)."""
+    import dataclasses
+    from cxpmrg_lib import presets
+
+    before = BenchConfig(dataset_root=str(phantom)).protocol()
+    assert before["upstream"]["report_lm"]["max_steps"] == presets.REPORT_LM_STEPS
+    tiny = presets.PRESETS["tiny"]
+    monkeypatch.setitem(presets.PRESETS, "tiny", dataclasses.replace(tiny, lm_stage={**tiny.lm_stage, "max_steps": 53}))
+    assert BenchConfig(dataset_root=str(phantom)).protocol() != before
+
+
 def test_unknown_system_is_refused():
     with pytest.raises(ValueError, match="unknown system"):
         BenchConfig(dataset_root="x", systems=["r2gen", "gpt-5"])
@@ -205,6 +218,23 @@ def test_a_second_dataset_starts_from_the_main_datasets_pretraining():
     assert "pretraining" not in own.protocol() and "pretraining" not in main.protocol()
     with pytest.raises(ValueError, match="pretrain_on"):
         for_dataset(main, "/nowhere/iu", "r2gen", pretrain_on="elsewhere")
+
+
+def test_checkpoint_validations_decode_greedy_without_the_penalty_the_choice_sets(phantom):
+    """Validations during training: greedy, no-repeat kept; no repetition penalty when the test decoding is
+    chosen afterwards (the penalty is part of the choice), the fixed setting's penalty under "fixed". Part of
+    the stage-3 hash and of the benchmark's protocol, so that a run selected the other way is not reused."""
+    from cxpmrg_lib.bench import BenchConfig
+    from cxpmrg_lib.stages.decoding import checkpoint_decoding
+
+    fixed = {"num_beams": 3, "repetition_penalty": 2.0, "no_repeat_ngram_size": 3}
+    assert checkpoint_decoding(fixed) == {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 3}
+    assert checkpoint_decoding(fixed, "fixed") == {**fixed, "num_beams": 1}
+    with pytest.raises(ValueError, match="choice must be one of"):
+        checkpoint_decoding(fixed, "best")
+    chosen = BenchConfig(dataset_root=str(phantom)).protocol()
+    assert chosen["decoding_choice"]["validation"]["repetition_penalty"] == 1.0
+    assert "decoding_choice" not in BenchConfig(dataset_root=str(phantom), decoding_choice="fixed").protocol()
 
 
 def test_the_decoding_choice_is_part_of_the_protocol():

@@ -156,6 +156,19 @@ def test_stage_runs_are_the_runs_of_the_stage(phantom, tmp_path):
         assert job.args[0] == config
 
 
+def test_report_lm_budget_is_in_steps_and_epochs_replace_it(tmp_path):
+    """The report LM gets the same steps on any dataset (6 epochs gave the iu-phantom's 280 reports 53 steps)."""
+    from cxpmrg_lib.presets import REPORT_LM_STEPS
+    from cxpmrg_lib.stages.report import ReportLMStageConfig
+    from cxpmrg_lib.trainer import TrainConfig, total_steps_for
+
+    settings = ReportLMStageConfig(dataset_root=str(tmp_path)).train_settings()
+    assert settings["max_steps"] == REPORT_LM_STEPS and "epochs" not in settings
+    assert total_steps_for(TrainConfig(**settings), 280) == total_steps_for(TrainConfig(**settings), 1039) == 195
+    by_epochs = ReportLMStageConfig(dataset_root=str(tmp_path), epochs=1).train_settings()
+    assert by_epochs["epochs"] == 1 and "max_steps" not in by_epochs      # smoke runs: a short LM
+
+
 def test_stage3_budget_is_in_steps_and_epochs_replace_it(tmp_path):
     from cxpmrg_lib.presets import STAGE3_STEPS
     from cxpmrg_lib.stages.report import FinetuneConfig, projection_lr_scale, validation_every

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxpmrg_lib.bench.systems import SYSTEMS
-from cxpmrg_lib.presets import PROJECTION_LR
+from cxpmrg_lib.presets import PROJECTION_LR, get_preset
 from cxpmrg_lib.runs import dataset_dir
 from cxpmrg_lib.stages.common import StageConfig
-from cxpmrg_lib.stages.decoding import CHOICE_GRID, DECODING_CHOICES
+from cxpmrg_lib.stages.decoding import CHOICE_GRID, DECODING_CHOICES, checkpoint_decoding
 
 
 BACKBONE_PRETRAINING = ("labels", "contrastive", "none")
@@ -62,15 +62,27 @@ class BenchConfig(StageConfig):
         return {"num_beams": self.num_beams, "repetition_penalty": self.repetition_penalty,
                 "no_repeat_ngram_size": self.no_repeat_ngram_size}
 
+    def validation_decoding(self) -> dict:
+        """The decoding of every system's validations during training (stages.decoding.checkpoint_decoding)."""
+        return checkpoint_decoding(self.decoding(), self.decoding_choice)
+
+    def upstream_training(self) -> dict:
+        """The preset's training settings of the runs the rows build on (stages 1-2, the report LMs): part
+        of the protocol, so that a row is redone when the run it was fitted on would now be trained
+        otherwise (a row made on a 53-step report LM is not reused once that LM gets 195 steps)."""
+        preset = get_preset(self.preset)
+        return {"stage1": preset.stage1, "stage2": preset.stage2, "report_lm": preset.lm_stage}
+
     def protocol(self) -> dict:
         """What makes two rows comparable: a row measured under another protocol is redone."""
         return {**self.payload("bench"), "train": self.train_settings(), "val_studies": self.val_studies,
                 "test_studies": self.test_studies, "decoding": self.decoding(), "max_words": self.max_words,
                 "min_word_count": self.min_word_count, "lm_epochs": self.lm_epochs, "n_boot": self.n_boot,
-                "earlier_epochs": self.earlier_epochs,
+                "earlier_epochs": self.earlier_epochs, "upstream": self.upstream_training(),
                 **({"projection_lr": self.projection_lr} if self.projection_lr is not None else {}),
                 **self.pretraining_payload(),
-                **({"decoding_choice": {"grid": CHOICE_GRID, "select": "bleu4 + ce_f1"}}
+                **({"decoding_choice": {"grid": CHOICE_GRID, "select": "bleu4 + ce_f1",
+                                        "validation": self.validation_decoding()}}
                    if self.decoding_choice != "fixed" else {}),
                 **({"backbone": {"pretraining": self.backbone_pretraining, "steps": self.backbone_steps}}
                    if self.backbone_pretraining != "none" else {})}

@@ -159,7 +159,7 @@ def _run_context_residual(system: System, config: BenchConfig, data: _Data, run_
     val_set = _FeatureSet(tokens["val"], list(data.val.reports))
     t0 = time.perf_counter()
     _train(model, config, data, run_dir, desc=system.name, dataset=train_set,
-           eval_fn=validation_fn(val_set, config.decoding()), loss_fn=loss_fn)
+           eval_fn=validation_fn(val_set, config.validation_decoding()), loss_fn=loss_fn)
     test_set = _FeatureSet(tokens["test"], list(data.test.reports))
     decoding = _test_decoding(model, val_set, config, run_dir)
     preds = generate_reports(model.eval(), test_set, batch_size=16, **decoding)

@@ -98,19 +98,23 @@ def _zoo_model(name: str, vocab, config: BenchConfig, typical: int, image_size: 
 def _pretrain_backbone(backbone: torch.nn.Module, system: System, config: BenchConfig, data: _Data,
                        run_dir: Path) -> tuple[float, str]:
     """The protocol's backbone pre-training of a system whose image network starts from scratch
-    (BenchConfig.backbone_pretraining; stages.backbone): its seconds and a note for the row."""
+    (BenchConfig.backbone_pretraining; stages.backbone): its seconds and a note for the row. Systems whose
+    backbones start from the same weights share one pre-training (stages.backbone.shared_pretrain_backbone);
+    each row counts its seconds, what the backbone cost whoever trained it."""
     if config.backbone_pretraining == "none":
         return 0.0, "backbone from scratch"
-    from cxpmrg_lib.stages.backbone import pretrain_backbone
+    from cxpmrg_lib.bench.config import bench_dir
+    from cxpmrg_lib.stages.backbone import shared_pretrain_backbone
     from cxpmrg_lib.presets import get_preset
 
     kind = config.backbone_pretraining
-    record = pretrain_backbone(backbone, backbone, data.train, kind, steps=config.backbone_steps, seed=config.seed,
-                               text_config=get_preset(config.preset).text, work_dir=run_dir / "backbone_pretraining",
-                               desc=system.name)
+    record = shared_pretrain_backbone(bench_dir(config) / "backbones", backbone, data.train, kind,
+                                      steps=config.backbone_steps, seed=config.seed,
+                                      text_config=get_preset(config.preset).text, desc=system.name)
     write_json(run_dir / "backbone_pretraining.json", record)
     what = "the training findings" if kind == "labels" else "stage 2's contrastive loss"
-    return record["seconds"], f"backbone first trained on {what} ({config.backbone_steps} steps)"
+    shared = f"; the one {record['trained_by']} trained" if record.get("reused") else ""
+    return record["seconds"], f"backbone first trained on {what} ({config.backbone_steps} steps{shared})"
 
 
 def _run_zoo(system: System, config: BenchConfig, data: _Data, run_dir: Path) -> _Fitted:
@@ -256,7 +260,7 @@ def _run_lm_swap(system: System, config: BenchConfig, data: _Data, run_dir: Path
     val_set = _FeatureSet(tokens["val"], list(data.val.reports))
     t0 = time.perf_counter()
     _train(model, config, data, run_dir, desc=system.name, dataset=train_set,
-           eval_fn=validation_fn(val_set, config.decoding()))
+           eval_fn=validation_fn(val_set, config.validation_decoding()))
     from cxpmrg_lib.stages.report import generate_reports
 
     test_set = _FeatureSet(tokens["test"], list(data.test.reports))

@@ -86,7 +86,7 @@ def _train(model, config: BenchConfig, data: _Data, run_dir: Path, desc: str, da
         return m(batch["image"], batch["image_mask"], batch["report"])["loss"]
 
     train(model, dataset, loss_fn or report_loss, train_config, run_dir, collate_fn=collate_studies,
-          batch_size_of=lambda b: len(b["report"]), eval_fn=eval_fn or validation_fn(data.val, config.decoding()),
+          batch_size_of=lambda b: len(b["report"]), eval_fn=eval_fn or validation_fn(data.val, config.validation_decoding()),
           desc=desc)
     model.cpu()
     best = run_dir / "best"

@@ -12,6 +12,11 @@ reports, does not. The head is thrown away; the decoder never sees a label. The 
 matched MambaXray-VL row (not the paper's) takes the same step on its stage-2 encoder before
 stage 3 (FinetuneConfig.encoder_pretraining).
 
+Systems whose backbones start from the same weights (the Transformer, R2Gen, R2GenCMN and the
+mechanism systems share one CNN at one seed) get the same pre-trained backbone, as their papers
+share one ImageNet checkpoint: `shared_pretrain_backbone` trains it once per starting point and
+the others load it (in the default book that saved four of five 300-step runs of the CNN).
+
 The second objective, "contrastive", is MambaXray-VL's stage 2 on the system's own backbone: its
 pooled study features against a fresh text encoder's report features, CLIP loss, at stage 2's
 learning rate. It is the same pre-training MambaXray-VL's encoder gets (without stage 1), for a
@@ -20,6 +25,9 @@ collapse more weakly than the labels do at the same step count (the benchmark ch
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import time
@@ -33,11 +41,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxpmrg_lib.models.zoo.common import pool_views
+from cxpmrg_lib.runs import config_hash
+from cxpmrg_lib.util import runlock
+from cxpmrg_lib.util.fileio import atomic_path, write_json
 from cxpmrg_lib.util.progress import tqdm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OBJECTIVES", "TokenEncoder", "finding_targets", "pretrain_backbone"]
+__all__ = ["OBJECTIVES", "TokenEncoder", "finding_targets", "pretrain_backbone", "shared_pretrain_backbone",
+           "weights_digest"]
 
 OBJECTIVES = ("labels", "contrastive")
 _LR = {"labels": 1e-3, "contrastive": 5e-4}     # from-scratch rate; stage 2's rate
@@ -156,3 +168,49 @@ def pretrain_backbone(backbone: nn.Module, extract: Callable[[torch.Tensor], tor
              desc, objective, len(studies), steps, seconds, first, last)
     return {"objective": objective, "steps": steps, "lr": lr, "batch_size": batch_size, "seconds": round(seconds, 2),
             "first_loss": first, "last_loss": last, **record}
+
+
+def weights_digest(module: nn.Module) -> str:
+    """Sixteen hex digits of the sha256 of a module's state (names, shapes, dtypes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def shared_pretrain_backbone(cache_root: str | Path, backbone: nn.Module, studies, objective: str = "labels",
+                             steps: int = 300, seed: int = 0, text_config=None, desc: str = "backbone") -> dict:
+    """pretrain_backbone(backbone, backbone, ...) once per starting point: the result is kept under
+    `cache_root`, keyed by the backbone's initial weights, the objective, steps, seed, the training studies
+    and the text encoder (contrastive); a later call with the same key loads it instead of training again.
+    Two processes asking for one key at once: the second waits for the first (runlock). Returns the record
+    of the run that trained it, with `reused` (False for the call that trained it)."""
+    text = dataclasses.asdict(text_config) if dataclasses.is_dataclass(text_config) else text_config
+    key = config_hash({"weights": weights_digest(backbone), "objective": objective, "steps": steps, "seed": seed,
+                       "studies": config_hash({"ids": list(getattr(studies, "study_ids", []))}), "n": len(studies),
+                       "text": text if objective == "contrastive" else None})
+    folder = Path(cache_root) / f"{objective}_{key}"
+    weights, record_path = folder / "backbone.safetensors", folder / "record.json"
+    runlock.claim(folder, f"{desc}: backbone pre-training")
+    try:
+        if record_path.exists() and weights.exists():
+            from safetensors.torch import load_file
+
+            backbone.load_state_dict(load_file(str(weights)))
+            record = json.loads(record_path.read_text())
+            log.info("%s: backbone pre-training (%s, %d steps) reused from %s (trained by %s)", desc, objective,
+                     steps, folder, record.get("trained_by", "?"))
+            return {**record, "reused": True, "folder": str(folder)}
+        from safetensors.torch import save_file
+
+        record = pretrain_backbone(backbone, backbone, studies, objective, steps=steps, seed=seed,
+                                   text_config=text_config, work_dir=folder / "work", desc=desc)
+        with atomic_path(weights) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}, str(tmp))
+        record = {**record, "trained_by": desc}
+        write_json(record_path, record)          # last: its presence says the weights are complete
+        return {**record, "reused": False, "folder": str(folder)}
+    finally:
+        runlock.release(folder)

@@ -28,7 +28,7 @@ from cxpmrg_lib.presets import PROJECTION_LR, VALIDATIONS, get_preset
 from cxpmrg_lib.stages.studies import load_studies, split_table
 from cxpmrg_lib.runs import SUMMARY_FILE, is_finished
 from cxpmrg_lib.stages.common import RunError, StageConfig, read_summary, require_run, resolve_device, start_run, finish_run
-from cxpmrg_lib.stages.decoding import generate_reports
+from cxpmrg_lib.stages.decoding import checkpoint_decoding, generate_reports
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,8 @@ def finetune_report(config: FinetuneConfig) -> Path:
         payload["projection_lr"] = config.projection_lr
     if config.encoder_pretraining != "none":
         payload["encoder_pretraining"] = {"kind": config.encoder_pretraining, "steps": config.encoder_pretraining_steps}
+    if config.decoding_choice != "fixed":     # "fixed" keeps the hash (and the reuse) of runs made before
+        payload["validation_decoding"] = checkpoint_decoding(_decoding(config), config.decoding_choice)
     run_dir, finished = start_run(config, "finetune", payload, "stage 3")
     if finished:
         if read_summary(run_dir).get("test_config") != _test_config(config):
@@ -285,7 +287,7 @@ def finetune_report(config: FinetuneConfig) -> Path:
     def loss_fn(m, batch):
         return m(batch["image"], batch["image_mask"], batch["report"])["loss"]
 
-    eval_fn = validation_fn(val, _decoding(config))
+    eval_fn = validation_fn(val, checkpoint_decoding(_decoding(config), config.decoding_choice))
 
     train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=resolve_device(config.device),
                                eval_every=validation_every(settings, len(studies)), best_metric="select", **settings)
@@ -357,7 +359,8 @@ def finetune_runs(configs: dict[str, FinetuneConfig], jobs: int = 0) -> dict[str
 
 def validation_fn(val, decoding: dict):
     """The checkpoint selection every trained report generator shares: greedy reports for the
-    validation studies (the other decoding settings as for the test), scored without METEOR;
+    validation studies under `decoding` (stages.decoding.checkpoint_decoding: no repetition penalty
+    when the test decoding is chosen on validation), scored without METEOR;
     `select` = BLEU-4 + CE-F1 (the paper's 0.8 BLEU-4 + 0.2 CIDEr rewards a generic report that
     is fluent; CE-F1 in the sum rewards reports that follow the image, which is what the
     collapse onto the normal report loses). Also recorded along training, for the diagnostics of
