@@ -91,15 +91,13 @@ def _append_row(path: Path, row: dict) -> pd.DataFrame:
 
 
 _DATA: dict[str, _Data] = {}
-_DATA_KEPT = 2          # datasets a worker keeps decoded (run_benches interleaves the rows of two benchmarks)
 
 
 def _data_for(config: BenchConfig) -> _Data:
     """The benchmark's studies, decoded once per process (a worker keeps them for its next rows)."""
     key = config_hash(config.protocol())
     if key not in _DATA:
-        if len(_DATA) >= _DATA_KEPT:
-            _DATA.clear()
+        _DATA.clear()
         _DATA[key] = _load_data(config)
     return _DATA[key]
 
@@ -158,49 +156,10 @@ def _earlier_runs(config: BenchConfig, slugs: list[str]) -> tuple[list, list[str
     return [c for c, _ in calls.values()], [label for _, label in calls.values()]
 
 
-def _bench_job(configs: list[BenchConfig], task: tuple) -> tuple:
-    """One job of the benchmark's queue: an earlier-stage run (a ready-made call) or a row (_fit_row) of
-    the benchmark configs[i]."""
+def _bench_job(config: BenchConfig, task: tuple) -> tuple:
+    """One job of the benchmark's queue: an earlier-stage run (a ready-made call) or a row (_fit_row)."""
     kind, job = task
-    if kind == "earlier":
-        return kind, job()
-    i, slug = job
-    return kind, (i, _fit_row(configs[i], slug))
-
-
-class _Pending:
-    """One benchmark's side of the queue: its folder, what it has to run, the rows done before its reference."""
-
-    def __init__(self, config: BenchConfig):
-        self.config, self.out = config, bench_dir(config)
-        slugs = list(config.systems or DEFAULT_SYSTEMS)
-        (self.out / "predictions").mkdir(parents=True, exist_ok=True)
-        protocol = config.protocol()
-        write_json(self.out / f"protocol_{config_hash(protocol)}.json", protocol)
-        self.results = self.out / "results.csv"
-        done = read_results(self.results) if self.results.exists() else pd.DataFrame(columns=["system", "protocol"])
-        have = dict(zip(done["system"], done["protocol"])) if "protocol" in done else {}
-        self.todo = [s for s in slugs if have.get(s) != _row_hash(protocol, SYSTEMS[s]) or s in config.redo]
-        self.todo.sort(key=lambda s: (s != REFERENCE, SYSTEMS[s].order))
-        if not self.todo:
-            log.info("benchmark: all %d systems already in %s", len(slugs), self.results)
-        self.ref_path = self.out / "predictions" / f"{REFERENCE}.csv"
-        self.waiting: list[dict] = []
-        self.reference_pending = REFERENCE in self.todo
-
-    def arrived(self, job: dict) -> None:
-        """Score and append a finished row, or hold it until the reference it is tested against is done."""
-        if self.reference_pending and job["row"]["system"] != REFERENCE:
-            self.waiting.append(job)
-            return
-        self.reference_pending = False
-        for ready in [job] + self.waiting:
-            pred_path = self.out / "predictions" / f"{ready['row']['system']}.csv"
-            row = {**ready["row"], **_score(pred_path, self.ref_path if self.ref_path.exists() else None, self.config),
-                   **ready["measured"]}
-            _append_row(self.results, row)
-            log.info("benchmark: %s done: BLEU-4 %.3f, CE-F1 %.3f", row["name"], row["bleu4"], row["ce_f1"])
-        self.waiting.clear()
+    return kind, (job() if kind == "earlier" else _fit_row(config, job))
 
 
 def run_bench(config: BenchConfig) -> Path:
@@ -208,51 +167,54 @@ def run_bench(config: BenchConfig) -> Path:
 
     Systems train side by side in `config.jobs` worker processes (see cxpmrg_lib.util.parallel); each
     row is scored here and appended to results.csv as soon as it and the reference are done."""
-    return run_benches([config])[0]
-
-
-def run_benches(configs: list[BenchConfig]) -> list[Path]:
-    """run_bench for several benchmarks (the main dataset and the iu-phantom of 04_benchmark) through one
-    queue of workers (the first config's `jobs` and device): every benchmark's earlier-stage runs first, then
-    every row, the longest kinds first. A second benchmark whose rows wait on a chain (the iu-phantom's
-    MambaXray-VL: its report LM, then its stage 3) starts that chain while the first one's rows train,
-    instead of after them with a worker idle (in the default book the iu-phantom's part took 10 minutes,
-    9 of them that chain on one worker while the other stood idle for 3). Returns the bench folders."""
     from functools import partial
 
     from cxpmrg_lib.util.parallel import Workers
 
-    if not configs:
-        return []
-    benches = [_Pending(c) for c in configs]
-    calls, labels = [], []
-    seen: set[str] = set()
-    for bench in benches:
-        for call, label in zip(*_earlier_runs(bench.config, bench.todo)):
-            key = f"{call.func.__qualname__}{call.args!r}"
-            if key not in seen:
-                seen.add(key)
-                calls.append(call)
-                labels.append(label if len(benches) == 1 else f"{label} ({Path(bench.out).parent.parent.name})")
-    rows = [(i, s) for i, bench in enumerate(benches) for s in bench.todo]
-    rows.sort(key=lambda r: (r[1] != REFERENCE, SYSTEMS[r[1]].order))     # stable: the first benchmark first
-    if not rows:
-        return [b.out for b in benches]
+    slugs = list(config.systems or DEFAULT_SYSTEMS)
+    out = bench_dir(config)
+    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    protocol = config.protocol()
+    phash = config_hash(protocol)
+    write_json(out / f"protocol_{phash}.json", protocol)
+    results = out / "results.csv"
+    done = read_results(results) if results.exists() else pd.DataFrame(columns=["system", "protocol"])
+    have = dict(zip(done["system"], done["protocol"])) if "protocol" in done else {}
+    todo = [s for s in slugs if have.get(s) != _row_hash(protocol, SYSTEMS[s]) or s in config.redo]
+    if not todo:
+        log.info("benchmark: all %d systems already in %s", len(slugs), results)
+        return out
+    todo.sort(key=lambda s: (s != REFERENCE, SYSTEMS[s].order))
+    ref_path = out / "predictions" / f"{REFERENCE}.csv"
+    waiting: list[dict] = []        # rows done before the reference they are tested against
+    reference_pending = REFERENCE in todo
+
+    def finish(job: dict) -> None:
+        pred_path = out / "predictions" / f"{job['row']['system']}.csv"
+        row = {**job["row"], **_score(pred_path, ref_path if ref_path.exists() else None, config),
+               **job["measured"]}
+        _append_row(results, row)
+        log.info("benchmark: %s done: BLEU-4 %.3f, CE-F1 %.3f", row["name"], row["bleu4"], row["ce_f1"])
+
+    calls, labels = _earlier_runs(config, todo)
     # One queue: the earlier-stage runs first, then the rows. A worker that has no earlier run left to
     # train starts on the rows instead of standing idle until the last one is done (in the default book the
     # GPT-2 report LM of the LM swap trained alone for 6.8 minutes while the other worker waited); a row
     # that needs a run another worker is still training waits for it on the run's lock, then reuses it.
-    tasks = [("earlier", c) for c in calls] + [("row", r) for r in rows]
-    names = labels + [SYSTEMS[s].name if len(benches) == 1 else f"{SYSTEMS[s].name} ({Path(benches[i].out).parent.parent.name})"
-                      for i, s in rows]
-    first = configs[0]
+    tasks = [("earlier", c) for c in calls] + [("row", s) for s in todo]
     try:
-        with Workers(first.jobs, first.device, tasks=len(tasks)) as workers:
-            for _, (kind, job) in workers.run(partial(_bench_job, list(configs)), tasks, names, desc="benchmark"):
+        with Workers(config.jobs, config.device, tasks=len(tasks)) as workers:
+            for _, (kind, job) in workers.run(partial(_bench_job, config), tasks,
+                                              labels + [SYSTEMS[s].name for s in todo], desc="benchmark"):
                 if kind == "earlier":
                     continue
-                i, fitted = job
-                benches[i].arrived(fitted)
+                if reference_pending and job["row"]["system"] != REFERENCE:
+                    waiting.append(job)
+                    continue
+                reference_pending = False
+                for ready in [job] + waiting:
+                    finish(ready)
+                waiting.clear()
     finally:
         _DATA.clear()
-    return [b.out for b in benches]
+    return out
