@@ -21,7 +21,7 @@ STAGE3_STEPS = 200
 # The tiny preset's report-LM budget in optimizer steps (6 epochs of the default phantom's 1,039 training
 # reports at batch 32). It was 6 epochs: on the iu-phantom's 280 training reports that gave 53 steps, an LM
 # that ended at loss 3.93 (the phantom's: 0.62) and a frozen LM stage 3 could not move (its loss 3.80, one
-# report for every test study). With 195 steps there the LM ends near 1.9. `epochs=` still replaces it.
+# report for every test study). With 195 steps there it ended at 1.64 (stage 3's loss at 1.62). `epochs=` still replaces it.
 REPORT_LM_STEPS = 195
 # Peak learning rate of a fresh Linear + LayerNorm projection into a frozen LM (the rest of the model keeps
 # its own rate): the projection starts from nothing and is the only way into the LM.

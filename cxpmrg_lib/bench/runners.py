@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxpmrg_lib.bench.config import BenchConfig
+from cxpmrg_lib.bench.config import BenchConfig, bench_dir
 from cxpmrg_lib.bench.systems import System
 from cxpmrg_lib.bench.training import (_count, _Data, _elapsed, _fit, _Fitted, _generate, _lm_budget, _lm_epochs,
                                        _pretrain_seconds, _projection_scale, _report_lm_dir, _stage2_run,
@@ -103,7 +103,6 @@ def _pretrain_backbone(backbone: torch.nn.Module, system: System, config: BenchC
     each row counts its seconds, what the backbone cost whoever trained it."""
     if config.backbone_pretraining == "none":
         return 0.0, "backbone from scratch"
-    from cxpmrg_lib.bench.config import bench_dir
     from cxpmrg_lib.stages.backbone import shared_pretrain_backbone
     from cxpmrg_lib.presets import get_preset
 

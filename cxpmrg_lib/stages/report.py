@@ -250,8 +250,9 @@ def finetune_report(config: FinetuneConfig) -> Path:
         payload["projection_lr"] = config.projection_lr
     if config.encoder_pretraining != "none":
         payload["encoder_pretraining"] = {"kind": config.encoder_pretraining, "steps": config.encoder_pretraining_steps}
+    validating = checkpoint_decoding(_decoding(config), config.decoding_choice)
     if config.decoding_choice != "fixed":     # "fixed" keeps the hash (and the reuse) of runs made before
-        payload["validation_decoding"] = checkpoint_decoding(_decoding(config), config.decoding_choice)
+        payload["validation_decoding"] = validating
     run_dir, finished = start_run(config, "finetune", payload, "stage 3")
     if finished:
         if read_summary(run_dir).get("test_config") != _test_config(config):
@@ -287,7 +288,7 @@ def finetune_report(config: FinetuneConfig) -> Path:
     def loss_fn(m, batch):
         return m(batch["image"], batch["image_mask"], batch["report"])["loss"]
 
-    eval_fn = validation_fn(val, checkpoint_decoding(_decoding(config), config.decoding_choice))
+    eval_fn = validation_fn(val, validating)
 
     train_config = TrainConfig(checkpoint_every=config.checkpoint_every, device=resolve_device(config.device),
                                eval_every=validation_every(settings, len(studies)), best_metric="select", **settings)
