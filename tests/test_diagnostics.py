@@ -131,3 +131,40 @@ def test_decoding_for_fixed_is_the_default_and_validation_is_kept_in_the_run(tmp
     with pytest.raises(ValueError, match="decoding choice"):
         decoding.decoding_for(_Echo(), _Studies(8), _DEFAULT, "best", tmp_path)
     assert decoding.describe_decoding(chosen) == "greedy, rp 1, no-repeat 3"
+
+
+class _Guided(_Echo):
+    """Follows the image only under guidance (a frozen-LM head stuck on its prior without it)."""
+
+    def generate(self, images, image_mask=None, num_beams=1, repetition_penalty=1.0, guidance=1.0, **_):
+        if guidance <= 1.0:
+            return ["the lungs are clear ."] * len(images)
+        return super().generate(images, image_mask, num_beams, repetition_penalty)
+
+
+def test_guidance_is_chosen_only_by_models_with_an_empty_slot_prior(tmp_path, monkeypatch):
+    from cxpmrg_lib.stages import decoding
+
+    settings = decoding.grid_settings(decoding.CHOICE_GRID, guided=True)
+    guided = [s for s in settings if "guidance" in s]
+    assert len(settings) == 6 + len(decoding.GUIDANCE_SCALES)
+    assert [s["guidance"] for s in guided] == list(decoding.GUIDANCE_SCALES)
+    assert all(s["num_beams"] == 1 and s["repetition_penalty"] == 1.0 and s["no_repeat_ngram_size"] == 3
+               for s in guided)
+    assert not decoding.supports_guidance(_Echo())
+    # an encoder-decoder model: the six settings, no guidance column
+    _, table = decoding.choose_decoding(_Echo(), _Studies(8), _DEFAULT)
+    assert "guidance" not in table and len(table) == 6
+    # a model with the prior: the guided settings join the choice; the first (smallest) scale wins the tie
+    monkeypatch.setattr(decoding, "supports_guidance", lambda m: isinstance(m, _Guided))
+    chosen = decoding.decoding_for(_Guided(), _Studies(8), _DEFAULT, "validation", tmp_path)
+    assert chosen == {**_DEFAULT, "num_beams": 1, "repetition_penalty": 1.0,
+                      "guidance": decoding.GUIDANCE_SCALES[0]}
+    table = pd.read_csv(tmp_path / "decoding_choice.csv")
+    assert len(table) == 9 and set(table["guidance"]) == {1.0, *decoding.GUIDANCE_SCALES}
+    assert json.loads((tmp_path / "decoding.json").read_text())["grid"]["guidance"] == [1.0, *decoding.GUIDANCE_SCALES]
+    assert decoding.describe_decoding(chosen) == "greedy, rp 1, no-repeat 3, guidance 1.5"
+    # no guidance chosen: the key is left out (the decoding of a run made before guidance existed)
+    monkeypatch.setattr(decoding, "supports_guidance", lambda m: True)
+    chosen, _ = decoding.choose_decoding(_Echo(), _Studies(8), _DEFAULT)
+    assert "guidance" not in chosen

@@ -381,3 +381,40 @@ def test_projection_parameters_carry_the_lr_scale(tok):
     assert lrs == [pytest.approx(1e-3)]          # only the projection trains (LM frozen), at 10x
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in head.parameters()
                                                                       if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------- guidance against the empty slot
+
+def _guided_greedy_by_hand(model, visual, scale, n):
+    """n greedy tokens, each step scored from two full forward passes (no cache): the reference."""
+    lm, embed = model.lm, model.lm.get_input_embeddings()
+    cond_prefix = model._prefix_embeds(visual)
+    empty_prefix = model._prefix_embeds(None, slot=model.condition_slot([[]] * len(visual), visual.shape[1]))
+    ids = torch.zeros(len(visual), 0, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(n):
+            cond = torch.log_softmax(lm(inputs_embeds=torch.cat([cond_prefix, embed(ids)], 1)).logits[:, -1], -1)
+            empty = torch.log_softmax(lm(inputs_embeds=torch.cat([empty_prefix, embed(ids)], 1)).logits[:, -1], -1)
+            mixed = empty + scale * (cond - empty)
+            mixed[:, model.eos_id] = float("-inf")       # what min_new_tokens does
+            ids = torch.cat([ids, mixed.argmax(-1, keepdim=True)], 1)
+    return [t.strip() for t in model.tokenizer.batch_decode(ids, skip_special_tokens=True,
+                                                            clean_up_tokenization_spaces=False)]
+
+
+def test_guidance_off_is_plain_decoding_and_on_matches_the_two_pass_reference(trained):
+    model, visual, _, _ = trained
+    plain = dict(num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    assert model.generate(visual, guidance=1.0, **plain) == model.generate(visual, **plain)
+    n = 10
+    for scale in (0.0, 2.0, 4.0):
+        guided = model.generate(visual, guidance=scale, min_new_tokens=n, max_new_tokens=n, **plain)
+        assert guided == _guided_greedy_by_hand(model, visual, scale, n), scale
+    # scale 0 is the empty slot alone: the same report whatever the image
+    assert len(set(model.generate(visual, guidance=0.0, **plain))) == 1
+    # beam search (sequences reordered between steps: the empty-slot branch is recomputed) is deterministic
+    # and batch-independent
+    beam = model.generate(visual, num_beams=3, guidance=2.0)
+    assert [model.generate(visual[i:i + 1], num_beams=3, guidance=2.0)[0] for i in range(4)] == beam
+    with pytest.raises(ValueError, match="guidance scale"):
+        model.generate(visual, guidance=-1.0)

@@ -9,7 +9,7 @@ from cxpmrg_lib.bench.systems import SYSTEMS
 from cxpmrg_lib.presets import PROJECTION_LR, get_preset
 from cxpmrg_lib.runs import dataset_dir
 from cxpmrg_lib.stages.common import StageConfig
-from cxpmrg_lib.stages.decoding import CHOICE_GRID, DECODING_CHOICES, checkpoint_decoding
+from cxpmrg_lib.stages.decoding import CHOICE_GRID, DECODING_CHOICES, GUIDANCE_SCALES, checkpoint_decoding
 
 
 BACKBONE_PRETRAINING = ("labels", "contrastive", "none")
@@ -81,7 +81,7 @@ class BenchConfig(StageConfig):
                 "earlier_epochs": self.earlier_epochs, "upstream": self.upstream_training(),
                 **({"projection_lr": self.projection_lr} if self.projection_lr is not None else {}),
                 **self.pretraining_payload(),
-                **({"decoding_choice": {"grid": CHOICE_GRID, "select": "bleu4 + ce_f1",
+                **({"decoding_choice": {"grid": CHOICE_GRID, "guidance": GUIDANCE_SCALES, "select": "bleu4 + ce_f1",
                                         "validation": self.validation_decoding()}}
                    if self.decoding_choice != "fixed" else {}),
                 **({"backbone": {"pretraining": self.backbone_pretraining, "steps": self.backbone_steps}}

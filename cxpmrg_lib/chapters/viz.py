@@ -565,6 +565,7 @@ def decoding_sweep(sweeps: Mapping[str, pd.DataFrame], title: str = "Validation 
     for ax, (system, sweep) in zip(axes[0], sweeps.items()):
         labels = [f"{'greedy' if r.num_beams == 1 else f'beam {r.num_beams}'}\nrp {r.repetition_penalty:g}"
                   f"{' nr' + str(r.no_repeat_ngram_size) if r.no_repeat_ngram_size else ''}"
+                  f"{chr(10) + 'guid. ' + format(getattr(r, 'guidance', 1.0), 'g') if getattr(r, 'guidance', 1.0) != 1.0 else ''}"
                   for r in sweep.itertuples()]
         x = np.arange(len(sweep))
         ax.bar(x, sweep["ce_f1"], color="tab:blue", alpha=0.7, label="CE-F1")

@@ -445,11 +445,12 @@ class VisualPrefixLM(nn.Module):
     @torch.no_grad()
     def generate(self, visual_tokens: torch.Tensor, num_beams: int = 3, min_new_tokens: int | None = None,
                  max_new_tokens: int | None = None, repetition_penalty: float = 2.0, no_repeat_ngram_size: int = 3,
-                 length_penalty: float = 1.0, batch_size: int | None = None) -> list[str]:
+                 length_penalty: float = 1.0, batch_size: int | None = None, guidance: float = 1.0) -> list[str]:
         """Reports for a batch of visual tokens (beam search, deterministic), special tokens stripped.
 
         Defaults follow the paper (beam 3, repetition penalty 2.0); min/max new tokens come
-        from the constructor's decoding budget unless given.
+        from the constructor's decoding budget unless given. `guidance` > 1 contrasts each step
+        with the LM under a filler-only image slot (models.guidance.EmptySlotGuidance); 1 is off.
         """
         lo = self.min_new_tokens if min_new_tokens is None else min_new_tokens
         hi = self.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -465,11 +466,18 @@ class VisualPrefixLM(nn.Module):
             for s in tqdm(starts, desc="generate", unit="batch", disable=len(starts) <= 1):
                 embeds = self._prefix_embeds(visual_tokens[s:s + step])
                 mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+                extra = {}
+                if float(guidance) != 1.0:
+                    from transformers import LogitsProcessorList
+
+                    from cxpmrg_lib.models.guidance import EmptySlotGuidance
+                    empty = self._prefix_embeds(None, slot=self.condition_slot([[]], visual_tokens.shape[1]))
+                    extra["logits_processor"] = LogitsProcessorList([EmptySlotGuidance(self.lm, empty, guidance)])
                 out = self.lm.generate(
                     inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=num_beams,
                     min_new_tokens=lo, max_new_tokens=hi, repetition_penalty=repetition_penalty,
                     no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty,
-                    eos_token_id=self.eos_id, pad_token_id=self.pad_id, bos_token_id=self.bos_id)
+                    eos_token_id=self.eos_id, pad_token_id=self.pad_id, bos_token_id=self.bos_id, **extra)
                 texts += [t.strip() for t in self.tokenizer.batch_decode(
                     out, skip_special_tokens=True, clean_up_tokenization_spaces=False)]
         finally:

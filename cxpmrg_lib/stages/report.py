@@ -410,7 +410,12 @@ def _count_truncated(head, reports: list[str]) -> int:
 
 
 def _test_config(config: FinetuneConfig) -> dict:
-    choice = {"decoding_choice": config.decoding_choice} if config.decoding_choice != "fixed" else {}
+    from cxpmrg_lib.stages.decoding import GUIDANCE_SCALES
+
+    # Chosen on validation: the choice's grid is part of it (a finished run whose test reports were
+    # chosen from another grid redoes only its test predictions).
+    choice = ({"decoding_choice": config.decoding_choice, "guidance": list(GUIDANCE_SCALES)}
+              if config.decoding_choice != "fixed" else {})
     return {"test_studies": config.test_studies, **_decoding(config), **choice}
 
 
