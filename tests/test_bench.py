@@ -211,7 +211,13 @@ def test_a_second_dataset_starts_from_the_main_datasets_pretraining():
     where = sorted((c.func.__name__, c.args[0].dataset_root, c.args[0].dataset_kind) for c in calls)
     assert where == [("pretrain_contrastive", "/nowhere/phantom", "chexpert_plus"),
                      ("pretrain_report_lm", "/nowhere/iu", "r2gen")]
-    assert iu.protocol()["pretraining"]["dataset_kind"] == "chexpert_plus" and iu.jobs == main.jobs
+    assert iu.protocol()["pretraining"]["dataset_kind"] == "chexpert_plus"
+    # one trained system (its report LM, then its stage 3: a chain) runs in one process with every core;
+    # a second trained system gets the main benchmark's workers
+    assert iu.jobs == 1 and main.jobs != 1
+    with_r2gen = for_dataset(main, "/nowhere/iu", "r2gen", "mambaxray-vl,nearest-neighbour,most-common,r2gen")
+    assert with_r2gen.jobs == main.jobs and with_r2gen.protocol() == for_dataset(
+        main, "/nowhere/iu", "r2gen", "mambaxray-vl,nearest-neighbour,most-common,r2gen", jobs=1).protocol()
     own = for_dataset(main, "/nowhere/iu", "r2gen", "mambaxray-vl", pretrain_on="own")
     calls, _ = _earlier_runs(own, own.systems)
     assert {c.args[0].dataset_root for c in calls} == {"/nowhere/iu"} and own.jobs == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxpmrg_lib.bench.systems import SYSTEMS
+from cxpmrg_lib.bench.systems import DEFAULT_SYSTEMS, SYSTEMS
 from cxpmrg_lib.presets import PROJECTION_LR, get_preset
 from cxpmrg_lib.runs import dataset_dir
 from cxpmrg_lib.stages.common import StageConfig
@@ -142,9 +142,10 @@ def for_dataset(config: BenchConfig, dataset_root: str, dataset_kind: str = "aut
     the new dataset too (the old setting: on the iu-phantom's 280 training studies stage 2 is 88 steps,
     and its encoder stays near chance).
 
-    `jobs`: None is config.jobs with "main", 1 with "own", where most of the work is MambaXray-VL's chain
-    of stages (1, then 2, then 3), which waits for itself; in a worker with half the cores it ran about
-    twice as slowly (iu-phantom: 9 minutes against 5 in one process)."""
+    `jobs`: None is 1 when the work is one chain that waits for itself: with "own" (MambaXray-VL's stages 1,
+    then 2, then 3; in a worker with half the cores it ran about twice as slowly, iu-phantom: 9 minutes
+    against 5 in one process), and when at most one of the systems trains (the default iu-phantom list:
+    MambaXray-VL, whose report LM and stage 3 follow each other, and the two floors); else config.jobs."""
     from dataclasses import replace
 
     if pretrain_on not in PRETRAIN_ON:
@@ -156,7 +157,8 @@ def for_dataset(config: BenchConfig, dataset_root: str, dataset_kind: str = "aut
                         pretrain_loader=config.pretrain_loader if config.pretrain_root else config.loader)
                    if pretrain_on == "main" else dict(pretrain_root=None, pretrain_loader=None))
     if jobs is None:
-        jobs = config.jobs if pretrain_on == "main" else 1
+        trained = [s for s in (chosen or DEFAULT_SYSTEMS) if SYSTEMS[s].family != "floor"]
+        jobs = config.jobs if pretrain_on == "main" and len(trained) > 1 else 1
     return replace(config, dataset_root=dataset_root, dataset_kind=dataset_kind, loader=loader,
                    systems=chosen or None, redo=[], jobs=jobs, **pretraining)
 

@@ -42,13 +42,16 @@ class EmptySlotGuidance(LogitsProcessor):
     def _empty_slot_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         b = input_ids.shape[0]
         seen = self._seen
+        # every position is attended: a finished sequence's padding changes only scores nobody reads
+        mask = torch.ones(b, self.prefix.shape[1] + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
         if seen is not None and seen.shape[0] == b and input_ids.shape[1] == seen.shape[1] + 1 \
                 and torch.equal(input_ids[:, :-1], seen):
-            out = self.lm(input_ids=input_ids[:, -1:], past_key_values=self._cache, use_cache=True)
+            out = self.lm(input_ids=input_ids[:, -1:], attention_mask=mask, past_key_values=self._cache,
+                          use_cache=True)
         else:
             embeds = torch.cat([self.prefix.expand(b, -1, -1),
                                 self.lm.get_input_embeddings()(input_ids)], dim=1)
-            out = self.lm(inputs_embeds=embeds, use_cache=True)
+            out = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
         self._cache, self._seen = out.past_key_values, input_ids
         return out.logits[:, -1]
 

@@ -63,7 +63,7 @@ def supports_guidance(model) -> bool:
 
 def grid_settings(grid: Mapping[str, tuple], guided: bool = False) -> list[dict]:
     """The decoding settings of a grid (every combination of its values, in order); with `guided`, also
-    greedy at the grid's first no-repeat size, rp 1.0 and each of GUIDANCE_SCALES."""
+    greedy at the grid's largest no-repeat size, rp 1.0 and each of GUIDANCE_SCALES."""
     keys = list(grid)
     settings = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
     if guided:
