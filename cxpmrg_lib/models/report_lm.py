@@ -462,17 +462,19 @@ class VisualPrefixLM(nn.Module):
         self.eval()
         texts: list[str] = []
         try:
+            guided = float(guidance) != 1.0
+            if guided:       # the empty-slot prompt: the same for every study and chunk
+                from transformers import LogitsProcessorList
+
+                from cxpmrg_lib.models.guidance import EmptySlotGuidance
+                empty = self._prefix_embeds(None, slot=self.condition_slot([[]], visual_tokens.shape[1]))
             starts = range(0, n, step)
             for s in tqdm(starts, desc="generate", unit="batch", disable=len(starts) <= 1):
                 embeds = self._prefix_embeds(visual_tokens[s:s + step])
                 mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-                extra = {}
-                if float(guidance) != 1.0:
-                    from transformers import LogitsProcessorList
-
-                    from cxpmrg_lib.models.guidance import EmptySlotGuidance
-                    empty = self._prefix_embeds(None, slot=self.condition_slot([[]], visual_tokens.shape[1]))
-                    extra["logits_processor"] = LogitsProcessorList([EmptySlotGuidance(self.lm, empty, guidance)])
+                # a fresh processor per chunk: it holds the cache of its chunk's empty-slot branch
+                extra = ({"logits_processor": LogitsProcessorList([EmptySlotGuidance(self.lm, empty, guidance)])}
+                         if guided else {})
                 out = self.lm.generate(
                     inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=num_beams,
                     min_new_tokens=lo, max_new_tokens=hi, repetition_penalty=repetition_penalty,

@@ -28,7 +28,7 @@ from cxpmrg_lib.presets import PROJECTION_LR, VALIDATIONS, get_preset
 from cxpmrg_lib.stages.studies import load_studies, split_table
 from cxpmrg_lib.runs import SUMMARY_FILE, is_finished
 from cxpmrg_lib.stages.common import RunError, StageConfig, read_summary, require_run, resolve_device, start_run, finish_run
-from cxpmrg_lib.stages.decoding import checkpoint_decoding, generate_reports
+from cxpmrg_lib.stages.decoding import GUIDANCE_SCALES, checkpoint_decoding, generate_reports
 
 log = logging.getLogger(__name__)
 
@@ -410,8 +410,6 @@ def _count_truncated(head, reports: list[str]) -> int:
 
 
 def _test_config(config: FinetuneConfig) -> dict:
-    from cxpmrg_lib.stages.decoding import GUIDANCE_SCALES
-
     # Chosen on validation: the choice's grid is part of it (a finished run whose test reports were
     # chosen from another grid redoes only its test predictions).
     choice = ({"decoding_choice": config.decoding_choice, "guidance": list(GUIDANCE_SCALES)}
