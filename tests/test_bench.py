@@ -146,14 +146,15 @@ def test_the_earlier_stage_wave_trains_each_shared_run_once():
     from cxpmrg_lib.bench import DEFAULT_SYSTEMS, notebook_config
     from cxpmrg_lib.bench.run import _earlier_runs
 
-    calls, labels = _earlier_runs(notebook_config("/nowhere/phantom"), DEFAULT_SYSTEMS)
+    systems = DEFAULT_SYSTEMS + ["lm-llama"]                          # the Llama swap runs on request
+    calls, labels = _earlier_runs(notebook_config("/nowhere/phantom"), systems)
     runs = sorted((c.func.__name__, getattr(c.args[0], "init", ""), getattr(c.args[0], "arch", ""),
                    str(c.args[0].epochs)) for c in calls)
     assert runs == [("pretrain_autoregressive", "", "", "None"), ("pretrain_contrastive", "random", "", "None"),
                     ("pretrain_contrastive", "stage1", "", "None"), ("pretrain_report_lm", "", "gpt2", "None"),
                     ("pretrain_report_lm", "", "llama", "None")]     # the LM swap's Llama is MambaXray-VL's LM
     assert len(labels) == len(calls)
-    old, _ = _earlier_runs(notebook_config("/nowhere/phantom", lm_epochs=2.0), DEFAULT_SYSTEMS)
+    old, _ = _earlier_runs(notebook_config("/nowhere/phantom", lm_epochs=2.0), systems)
     assert len(old) == len(calls) + 1                                 # the old setting: a 2-epoch Llama of its own
 
 
@@ -196,6 +197,32 @@ def test_the_mechanism_systems_train_on_their_targets_and_write_rows(phantom, tm
     for slug in mechanisms:
         preds = pd.read_csv(Path(run_bench(cfg)) / "predictions" / f"{slug}.csv")
         assert len(preds) == table.loc[slug, "n_test"] and preds["prediction"].map(lambda p: isinstance(p, str)).all()
+
+
+def test_two_benchmarks_in_one_queue_write_what_each_writes_alone(phantom, tmp_path):
+    """run_benches (04_benchmark: the main phantom and the iu-phantom in one queue of workers): each benchmark's
+    rows land in its own results.csv, scored against its own reference, as run_bench on it alone writes them."""
+    from dataclasses import replace
+
+    from cxpmrg_lib.bench import run_benches
+
+    other = write_phantom(tmp_path / "other", studies=40, size=64, seed=8, workers=1)
+    a = BenchConfig(dataset_root=str(phantom), run_root=str(tmp_path / "runs"), systems=["most-common"],
+                    test_studies=6, n_boot=20, speed_studies=2, jobs=2)
+    b = replace(a, dataset_root=str(other), test_studies=5)
+    out_a, out_b = run_benches([a, b])
+    assert out_a != out_b and out_a.parent.parent.name == "phantom" and out_b.parent.parent.name == "other"
+    table_a, table_b = read_results(out_a), read_results(out_b)
+    assert list(table_a["system"]) == list(table_b["system"]) == ["most-common"]
+    ids_a, ids_b = (set(pd.read_csv(o / "predictions" / "most-common.csv")["study_id"]) for o in (out_a, out_b))
+    assert len(ids_a) == table_a["n_test"].iloc[0] and len(ids_b) == table_b["n_test"].iloc[0] <= 5
+    out_alone = run_bench(replace(b, run_root=str(tmp_path / "alone"), jobs=1))
+    alone = read_results(out_alone)
+    assert set(pd.read_csv(out_alone / "predictions" / "most-common.csv")["study_id"]) == ids_b
+    for column in ("bleu4", "ce_f1", "ce_f1_lo", "ce_f1_hi"):
+        assert alone[column].iloc[0] == pytest.approx(table_b[column].iloc[0])
+    mtime = (out_b / "results.csv").stat().st_mtime_ns           # done: asked again, nothing is redone
+    assert run_benches([b]) == [out_b] and (out_b / "results.csv").stat().st_mtime_ns == mtime
 
 
 def test_a_second_dataset_starts_from_the_main_datasets_pretraining():

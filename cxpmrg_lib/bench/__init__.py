@@ -18,22 +18,23 @@ The protocol, the same for every system:
 
 `run_bench(BenchConfig(...))` writes `<run_root>/<dataset>/<preset>/bench/results.csv` (a row per
 system, appended as each finishes; a rerun skips the finished ones) and `predictions/<system>.csv`
-(study_id, reference, prediction), which `cxpmrg evaluate` reads.
+(study_id, reference, prediction), which `cxpmrg evaluate` reads; `run_benches([a, b])` runs two
+benchmarks (04_benchmark's main dataset and iu-phantom) in one queue of workers.
 
 Modules, from the bottom up: systems (the System records), config (the protocol, BenchConfig), training
 (what every runner shares), runners (how each kind of system is run), mechanisms (the runners of the
 systems that add one mechanism each: PromptMRG-, TIMER-, M2KT-, XProNet-, WCL- and R2GenCSR-style),
-run (`run_bench`), tables (the results as the book shows them, beside the paper's Table 1).
+run (`run_bench`, `run_benches`), tables (the results as the book shows them, beside the paper's Table 1).
 """
 from cxpmrg_lib.bench.config import (ALL, BACKBONE_PRETRAINING, SMOKE_BUDGET, SMOKE_SECOND_SYSTEMS, SMOKE_SYSTEMS,
                                      BenchConfig, bench_dir, for_dataset, notebook_config, system_slugs)
-from cxpmrg_lib.bench.run import read_results, run_bench
+from cxpmrg_lib.bench.run import read_results, run_bench, run_benches
 from cxpmrg_lib.bench.systems import DEFAULT_SYSTEMS, FROM_SCRATCH_LR, REFERENCE, SYSTEMS, System
 from cxpmrg_lib.bench.tables import (backbone_steps_table, beside_paper, cost_table, encoder_spread, pairwise_pvalues,
                                      paper_table1, per_label_f1, plain_summary, ranked_table, report_diversity)
 
 __all__ = ["backbone_steps_table", "encoder_spread", "SYSTEMS", "DEFAULT_SYSTEMS", "SMOKE_SYSTEMS", "notebook_config",
-           "for_dataset", "FROM_SCRATCH_LR", "System", "BenchConfig", "run_bench", "bench_dir", "read_results",
+           "for_dataset", "FROM_SCRATCH_LR", "System", "BenchConfig", "run_bench", "run_benches", "bench_dir", "read_results",
            "ranked_table", "per_label_f1", "pairwise_pvalues", "plain_summary", "report_diversity", "REFERENCE",
            "BACKBONE_PRETRAINING", "SMOKE_BUDGET", "SMOKE_SECOND_SYSTEMS", "ALL", "system_slugs", "beside_paper",
            "cost_table", "paper_table1"]

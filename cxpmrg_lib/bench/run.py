@@ -94,10 +94,12 @@ _DATA: dict[str, _Data] = {}
 
 
 def _data_for(config: BenchConfig) -> _Data:
-    """The benchmark's studies, decoded once per process (a worker keeps them for its next rows)."""
+    """The benchmark's studies, decoded once per process (a worker keeps them for its next rows, those of
+    two benchmarks when run_benches queues a second one)."""
     key = config_hash(config.protocol())
     if key not in _DATA:
-        _DATA.clear()
+        if len(_DATA) >= 2:
+            _DATA.pop(next(iter(_DATA)))
         _DATA[key] = _load_data(config)
     return _DATA[key]
 
@@ -156,10 +158,11 @@ def _earlier_runs(config: BenchConfig, slugs: list[str]) -> tuple[list, list[str
     return [c for c, _ in calls.values()], [label for _, label in calls.values()]
 
 
-def _bench_job(config: BenchConfig, task: tuple) -> tuple:
-    """One job of the benchmark's queue: an earlier-stage run (a ready-made call) or a row (_fit_row)."""
-    kind, job = task
-    return kind, (job() if kind == "earlier" else _fit_row(config, job))
+def _bench_job(configs: list[BenchConfig], task: tuple) -> tuple:
+    """One job of the benchmarks' queue: an earlier-stage run (a ready-made call) or a row (_fit_row) of
+    the benchmark `configs[i]`."""
+    i, kind, job = task
+    return i, kind, (job() if kind == "earlier" else _fit_row(configs[i], job))
 
 
 def run_bench(config: BenchConfig) -> Path:
@@ -167,54 +170,83 @@ def run_bench(config: BenchConfig) -> Path:
 
     Systems train side by side in `config.jobs` worker processes (see cxpmrg_lib.util.parallel); each
     row is scored here and appended to results.csv as soon as it and the reference are done."""
+    return run_benches([config])[0]
+
+
+class _Pending:
+    """One benchmark of run_benches: its folder, protocol, the rows still to fit, and the rows done before
+    the reference they are tested against (scored once it is)."""
+
+    def __init__(self, config: BenchConfig):
+        self.config = config
+        slugs = list(config.systems or DEFAULT_SYSTEMS)
+        self.out = bench_dir(config)
+        (self.out / "predictions").mkdir(parents=True, exist_ok=True)
+        protocol = config.protocol()
+        write_json(self.out / f"protocol_{config_hash(protocol)}.json", protocol)
+        self.results = self.out / "results.csv"
+        done = read_results(self.results) if self.results.exists() else pd.DataFrame(columns=["system", "protocol"])
+        have = dict(zip(done["system"], done["protocol"])) if "protocol" in done else {}
+        self.todo = [s for s in slugs if have.get(s) != _row_hash(protocol, SYSTEMS[s]) or s in config.redo]
+        if not self.todo:
+            log.info("benchmark: all %d systems already in %s", len(slugs), self.results)
+        self.reference_pending = REFERENCE in self.todo
+        self.waiting: list[dict] = []
+
+    def done(self, job: dict) -> None:
+        """A fitted row: scored and appended now, or kept until the reference's predictions exist."""
+        if self.reference_pending and job["row"]["system"] != REFERENCE:
+            self.waiting.append(job)
+            return
+        self.reference_pending = False
+        for ready in [job] + self.waiting:
+            self._finish(ready)
+        self.waiting.clear()
+
+    def _finish(self, job: dict) -> None:
+        ref_path = self.out / "predictions" / f"{REFERENCE}.csv"
+        pred_path = self.out / "predictions" / f"{job['row']['system']}.csv"
+        row = {**job["row"], **_score(pred_path, ref_path if ref_path.exists() else None, self.config),
+               **job["measured"]}
+        _append_row(self.results, row)
+        log.info("benchmark: %s done: BLEU-4 %.3f, CE-F1 %.3f", row["name"], row["bleu4"], row["ce_f1"])
+
+
+def run_benches(configs: list[BenchConfig]) -> list[Path]:
+    """Several benchmarks (04_benchmark: the main dataset's and the iu-phantom's) in one queue of workers,
+    the first config's `jobs` on its device; returns their bench folders in the same order.
+
+    Run one after the other, the second benchmark's report LM and stage 3 wait for each other alone on a
+    machine whose other core has nothing left to do (the iu-phantom took 5 of the book's minutes so);
+    in one queue they fill the gaps of the first. What is trained, and every result, is that of
+    run_bench on each config alone."""
     from functools import partial
 
     from cxpmrg_lib.util.parallel import Workers
 
-    slugs = list(config.systems or DEFAULT_SYSTEMS)
-    out = bench_dir(config)
-    (out / "predictions").mkdir(parents=True, exist_ok=True)
-    protocol = config.protocol()
-    phash = config_hash(protocol)
-    write_json(out / f"protocol_{phash}.json", protocol)
-    results = out / "results.csv"
-    done = read_results(results) if results.exists() else pd.DataFrame(columns=["system", "protocol"])
-    have = dict(zip(done["system"], done["protocol"])) if "protocol" in done else {}
-    todo = [s for s in slugs if have.get(s) != _row_hash(protocol, SYSTEMS[s]) or s in config.redo]
-    if not todo:
-        log.info("benchmark: all %d systems already in %s", len(slugs), results)
-        return out
-    todo.sort(key=lambda s: (s != REFERENCE, SYSTEMS[s].order))
-    ref_path = out / "predictions" / f"{REFERENCE}.csv"
-    waiting: list[dict] = []        # rows done before the reference they are tested against
-    reference_pending = REFERENCE in todo
-
-    def finish(job: dict) -> None:
-        pred_path = out / "predictions" / f"{job['row']['system']}.csv"
-        row = {**job["row"], **_score(pred_path, ref_path if ref_path.exists() else None, config),
-               **job["measured"]}
-        _append_row(results, row)
-        log.info("benchmark: %s done: BLEU-4 %.3f, CE-F1 %.3f", row["name"], row["bleu4"], row["ce_f1"])
-
-    calls, labels = _earlier_runs(config, todo)
-    # One queue: the earlier-stage runs first, then the rows. A worker that has no earlier run left to
-    # train starts on the rows instead of standing idle until the last one is done (in the default book the
-    # GPT-2 report LM of the LM swap trained alone for 6.8 minutes while the other worker waited); a row
-    # that needs a run another worker is still training waits for it on the run's lock, then reuses it.
-    tasks = [("earlier", c) for c in calls] + [("row", s) for s in todo]
-    try:
-        with Workers(config.jobs, config.device, tasks=len(tasks)) as workers:
-            for _, (kind, job) in workers.run(partial(_bench_job, config), tasks,
-                                              labels + [SYSTEMS[s].name for s in todo], desc="benchmark"):
-                if kind == "earlier":
-                    continue
-                if reference_pending and job["row"]["system"] != REFERENCE:
-                    waiting.append(job)
-                    continue
-                reference_pending = False
-                for ready in [job] + waiting:
-                    finish(ready)
-                waiting.clear()
-    finally:
-        _DATA.clear()
-    return out
+    pending = [_Pending(c) for c in configs]
+    # One queue: the earlier-stage runs of every benchmark first, then the rows (each benchmark's reference
+    # first, then by kind). A worker that has no earlier run left to train starts on the rows instead of
+    # standing idle until the last one is done (in the default book the GPT-2 report LM of the LM swap trained
+    # alone for 6.8 minutes while the other worker waited); a row that needs a run another worker is still
+    # training waits for it on the run's lock, then reuses it.
+    tasks, labels = [], []
+    for i, p in enumerate(pending):
+        calls, names = _earlier_runs(p.config, p.todo)
+        tasks += [(i, "earlier", c) for c in calls]
+        labels += names
+    rows = sorted(((i, s) for i, p in enumerate(pending) for s in p.todo),
+                  key=lambda r: (r[1] != REFERENCE, SYSTEMS[r[1]].order, r[0]))
+    tasks += [(i, "row", s) for i, s in rows]
+    suffix = [""] * len(pending) if len(pending) == 1 else [f" ({p.out.parent.parent.name})" for p in pending]
+    labels += [SYSTEMS[s].name + suffix[i] for i, s in rows]
+    if any(p.todo for p in pending):
+        try:
+            with Workers(configs[0].jobs, configs[0].device, tasks=len(tasks)) as workers:
+                for _, (i, kind, job) in workers.run(partial(_bench_job, [p.config for p in pending]), tasks,
+                                                     labels, desc="benchmark"):
+                    if kind == "row":
+                        pending[i].done(job)
+        finally:
+            _DATA.clear()
+    return [p.out for p in pending]
