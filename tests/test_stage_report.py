@@ -79,3 +79,21 @@ def test_cli_finetune_random_init(phantom, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "stage 3 done" in out and "BLEU-4" in out and "predictions_test.csv" in out
     assert len(list((runs / phantom.name / "tiny" / "report_lm").glob("*/summary.json"))) == 1
+
+
+def test_a_random_encoder_is_drawn_from_the_runs_seed(phantom):
+    """Stage 3 "w/o stages 1-2": the encoder's weights come from the config's seed, whatever the process drew
+    from the global generator before (a worker that trained another run first gave the ablation other weights)."""
+    import torch
+
+    from cxpmrg_lib.stages.report import _encoder_for
+
+    config = FinetuneConfig(dataset_root=str(phantom), init="random", seed=3)
+    first, run = _encoder_for(config)
+    torch.rand(1000)                                   # what another job in the same worker would have drawn
+    second, _ = _encoder_for(config)
+    assert run is None
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    other, _ = _encoder_for(FinetuneConfig(dataset_root=str(phantom), init="random", seed=4))
+    assert not all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), other.state_dict().values()))
