@@ -132,8 +132,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     common = _stage_common(a)
     out = run_bench(BenchConfig(**common, systems=systems, test_studies=a.test_studies, num_beams=a.beams,
                                 lm_epochs=a.lm_epochs, n_boot=a.n_boot, redo=a.redo, jobs=a.jobs,
-                                backbone_pretraining=a.backbone_pretraining, backbone_steps=a.backbone_steps,
-                                decoding_choice=a.decoding))
+                                backbone_pretraining=a.backbone_pretraining, decoding_choice=a.decoding,
+                                **({"backbone_steps": a.backbone_steps} if a.backbone_steps is not None else {})))
     table = read_results(out)
     cols = ["name", "bleu4", "rouge_l", "meteor", "cider", "ce_f1", "train_min", "trainable_m", "reports_per_s"]
     print(table[[c for c in cols if c in table]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what the from-scratch systems' image backbones learn first (the stand-in for the ImageNet "
                          "weights their papers start from): the training findings (default), stage 2's "
                          "image-report contrast, or nothing (the old protocol)")
-    bn.add_argument("--backbone-steps", type=int, default=300, help="steps of that backbone pre-training")
+    bn.add_argument("--backbone-steps", type=int, default=None,
+                    help="steps of that backbone pre-training (default: the protocol's, 600; 300 the old setting)")
     bn.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs and paired tests")
     bn.add_argument("--jobs", type=int, default=0,
                     help="systems trained side by side in worker processes; 0: one per CPU core (1 on cuda)")

@@ -19,9 +19,15 @@ def test_backbone_pretraining_is_checked_and_part_of_the_protocol(phantom):
         BenchConfig(dataset_root="x", backbone_pretraining="imagenet")
     root = str(phantom)
     labels = BenchConfig(dataset_root=root).protocol()
-    assert labels["backbone"] == {"pretraining": "labels", "steps": 300}
+    assert labels["backbone"] == {"pretraining": "labels", "steps": 600}
     assert "backbone" not in BenchConfig(dataset_root=root, backbone_pretraining="none").protocol()   # the old one
     assert BenchConfig(dataset_root=root, backbone_steps=10).protocol() != labels
+    # the notebooks' parameter: the old 300 steps one parameter away, the smoke run's own few steps
+    from cxpmrg_lib.bench import notebook_config
+
+    assert notebook_config(root).protocol()["backbone"] == labels["backbone"]
+    assert notebook_config(root, backbone_steps=300).protocol()["backbone"]["steps"] == 300
+    assert notebook_config(root, smoke=True, backbone_steps=300).backbone_steps == 4
 
 
 def test_the_upstream_runs_training_is_part_of_the_protocol(phantom, monkeypatch):
@@ -299,3 +305,22 @@ def test_upstream_runs_find_an_encoder_pretrained_on_another_dataset(tmp_path):
                  {"stage": "finetune", "init": "stage2", "encoder_run": "aaa", "lm": str(lm / "lm"),
                   "pretraining": {"stage": "pretraining", "dataset": "/data/phantom_n1500"}})
     assert set(upstream_runs(stage3)) == {stage2, lm}
+
+
+def test_the_queue_starts_one_row_of_each_shared_backbone_before_the_rows_that_load_it():
+    """Rows whose CNN is one shared backbone step (the Transformer's, R2Gen's, the mechanism systems') do not
+    start side by side: the second would wait on the step's lock while the first trains it."""
+    from cxpmrg_lib.bench.run import row_order
+    from cxpmrg_lib.bench.systems import DEFAULT_SYSTEMS
+
+    rows = [(0, s) for s in DEFAULT_SYSTEMS] + [(1, "most-common"), (1, "r2gen"), (1, "mambaxray-vl")]
+    order = row_order(rows)
+    assert sorted(order) == sorted(rows)
+    assert order[:2] == [(0, "mambaxray-vl"), (1, "mambaxray-vl")]          # each benchmark's reference first
+    trained = [r for r in order if SYSTEMS[r[1]].order == 1]
+    cnn = [n for n, (i, s) in enumerate(trained) if i == 0 and SYSTEMS[s].backbone_group == "cnn"]
+    own = [n for n, (i, s) in enumerate(trained) if SYSTEMS[s].backbone_group != "cnn"]
+    assert trained[cnn[0]] == (0, "transformer") and max(own) < cnn[1]     # one CNN row, then the other groups
+    assert trained[cnn[1]:] == [(0, "r2gen"), (0, "r2gencmn"), (0, "promptmrg"), (0, "timer")]
+    assert (1, "r2gen") in trained and trained.index((1, "r2gen")) < cnn[1]   # another dataset: its own backbone
+    assert order[-3:] == [(0, "most-common"), (0, "nearest-neighbour"), (1, "most-common")]

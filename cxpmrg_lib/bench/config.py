@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxpmrg_lib.bench.systems import DEFAULT_SYSTEMS, SYSTEMS
-from cxpmrg_lib.presets import PROJECTION_LR, get_preset
+from cxpmrg_lib.presets import BACKBONE_STEPS, PROJECTION_LR, get_preset
 from cxpmrg_lib.runs import dataset_dir
 from cxpmrg_lib.stages.common import StageConfig
 from cxpmrg_lib.stages.decoding import CHOICE_GRID, DECODING_CHOICES, GUIDANCE_SCALES, checkpoint_decoding
@@ -36,9 +36,10 @@ class BenchConfig(StageConfig):
     projection_lr: float | None = PROJECTION_LR   # the frozen-LM systems' projection; None: the system's lr
     # The stand-in for the ImageNet backbones the from-scratch systems' papers start from (stages.backbone):
     # "labels" trains each such backbone to predict the training reports' findings first, "contrastive" with
-    # stage 2's image-report loss; "none": from scratch (the old protocol)
+    # stage 2's image-report loss; "none": from scratch (the old protocol); its steps (presets.BACKBONE_STEPS:
+    # 600, 300 the old setting)
     backbone_pretraining: str = "labels"
-    backbone_steps: int = 300
+    backbone_steps: int = BACKBONE_STEPS
     # How each trained system's test decoding is set (stages.decoding): "validation" chooses it from
     # CHOICE_GRID on the validation studies by the checkpoint rule (BLEU-4 + CE-F1), the same grid and rule
     # for every system; "fixed": num_beams / repetition_penalty / no_repeat_ngram_size above for all (the
@@ -111,14 +112,16 @@ def system_slugs(systems: str | list | None) -> list[str]:
 def notebook_config(dataset_root: str, dataset_kind: str = "auto", loader: dict | None = None, preset: str = "tiny",
                     run_root: str = "runs", seed: int = 0, device: str = "cpu", systems: str | list | None = "",
                     epochs: float = 0, lm_epochs: float = 0, smoke: bool = False, jobs: int = 0,
-                    backbone_pretraining: str = "labels", decoding_choice: str = "validation") -> BenchConfig:
+                    backbone_pretraining: str = "labels", decoding_choice: str = "validation",
+                    backbone_steps: int = BACKBONE_STEPS) -> BenchConfig:
     """The benchmark of the notebooks' parameters (04_benchmark runs it, 06_explore reads the same folder).
     `systems`: comma-separated slugs or a list, or "all" (every registered system); empty: the default list
     (the smoke list in a smoke run)."""
     chosen = system_slugs(systems)
     if smoke and not chosen:
         chosen = list(SMOKE_SYSTEMS)
-    budget = {"lm_epochs": lm_epochs, **({"epochs": epochs} if epochs else {}), **(SMOKE_BUDGET if smoke else {})}
+    budget = {"lm_epochs": lm_epochs, "backbone_steps": backbone_steps, **({"epochs": epochs} if epochs else {}),
+              **(SMOKE_BUDGET if smoke else {})}
     return BenchConfig(dataset_root=dataset_root, dataset_kind=dataset_kind, preset=preset, run_root=run_root,
                        seed=seed, device=device, loader=loader or {}, systems=chosen or None, jobs=jobs,
                        backbone_pretraining=backbone_pretraining, decoding_choice=decoding_choice, **budget)

@@ -212,6 +212,22 @@ class _Pending:
         log.info("benchmark: %s done: BLEU-4 %.3f, CE-F1 %.3f", row["name"], row["bleu4"], row["ce_f1"])
 
 
+def row_order(rows: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The queue's order of (benchmark index, slug) rows: each benchmark's reference first, then by the
+    systems' place in ORDER, within one place the first row of each backbone group (System.backbone_group)
+    before the rows that will load that backbone, then by benchmark and the order asked for."""
+    def place(row: tuple[int, str]) -> tuple:
+        return row[1] != REFERENCE, SYSTEMS[row[1]].order
+
+    seen: set = set()
+    keyed = []
+    for n, row in enumerate(sorted(rows, key=lambda r: (*place(r), r[0]))):
+        group = (row[0], SYSTEMS[row[1]].backbone_group)
+        keyed.append(((*place(row), group in seen, n), row))
+        seen.add(group)
+    return [row for _, row in sorted(keyed)]
+
+
 def run_benches(configs: list[BenchConfig]) -> list[Path]:
     """Several benchmarks (04_benchmark: the main dataset's and the iu-phantom's) in one queue of workers,
     the first config's `jobs` on its device; returns their bench folders in the same order.
@@ -235,8 +251,7 @@ def run_benches(configs: list[BenchConfig]) -> list[Path]:
         calls, names = _earlier_runs(p.config, p.todo)
         tasks += [(i, "earlier", c) for c in calls]
         labels += names
-    rows = sorted(((i, s) for i, p in enumerate(pending) for s in p.todo),
-                  key=lambda r: (r[1] != REFERENCE, SYSTEMS[r[1]].order, r[0]))
+    rows = row_order([(i, s) for i, p in enumerate(pending) for s in p.todo])
     tasks += [(i, "row", s) for i, s in rows]
     suffix = [""] * len(pending) if len(pending) == 1 else [f" ({p.out.parent.parent.name})" for p in pending]
     labels += [SYSTEMS[s].name + suffix[i] for i, s in rows]

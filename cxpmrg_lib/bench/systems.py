@@ -21,6 +21,12 @@ class System:
         """Its place in the submission order (run_bench): lower first."""
         return ORDER.get(self.kind, 1)
 
+    @property
+    def backbone_group(self) -> str:
+        """The rows whose image network starts from the same weights, and so shares one backbone step
+        (stages.backbone.shared_pretrain_backbone: the first row trains it, the others load it)."""
+        return SHARED_BACKBONE.get(self.kind, self.slug)
+
 
 _MAMBA = "Wang et al., CXPMRG-Bench (MambaXray-VL), CVPR 2025"
 # Peak learning rate of the systems whose networks start from scratch (word-level encoder-decoders, the
@@ -98,3 +104,9 @@ REFERENCE = "mambaxray-vl"
 # one worker busy 1.5 minutes after the other had finished).
 ORDER = {"mamba": 0, "zoo": 1, "conditioned": 1, "cvt2gpt2": 1, "r2gengpt": 1, "lm_swap": 1, "context_residual": 2,
          "nearest": 3, "most_common": 3}
+# Kinds whose image networks start from one CNN at the run's seed (the Transformer's: R2Gen, R2GenCMN and the
+# mechanism systems on it). Within a place of ORDER the queue starts one row of each such group before the
+# others (run.row_order), so that a second worker does not stand on the backbone's lock while the first trains
+# it: in the last book with the queue in list order, R2Gen waited for the Transformer's CNN about 30 seconds,
+# at the 600-step backbone step it would be 80.
+SHARED_BACKBONE = {"zoo": "cnn", "conditioned": "cnn"}

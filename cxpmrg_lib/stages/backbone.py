@@ -15,7 +15,7 @@ stage 3 (FinetuneConfig.encoder_pretraining).
 Systems whose backbones start from the same weights (the Transformer, R2Gen, R2GenCMN and the
 mechanism systems share one CNN at one seed) get the same pre-trained backbone, as their papers
 share one ImageNet checkpoint: `shared_pretrain_backbone` trains it once per starting point and
-the others load it (in the default book that saved four of five 300-step runs of the CNN).
+the others load it (in the default book that saves four of five runs of the CNN's backbone step).
 
 The second objective, "contrastive", is MambaXray-VL's stage 2 on the system's own backbone: its
 pooled study features against a fresh text encoder's report features, CLIP loss, at stage 2's
