@@ -210,6 +210,18 @@ def test_gradient_accumulation_equals_a_bigger_batch(tmp_path):
     assert total_steps_for(TrainConfig(batch_size=4, grad_accum=2, epochs=1.5), 100) == math.ceil(150 / 8)
 
 
+def test_gradients_left_on_the_model_do_not_enter_the_first_step(tmp_path):
+    """A model that arrives with .grad set (the benchmark's backbone step trains a system's image network in
+    the same process before its own training) trains as one that arrives without."""
+    clean, dirty = _mlp(), _mlp()
+    x, y = _data()[:32]
+    _mse(dirty, (x * 5, y))[0].backward()             # a gradient of some earlier objective
+    assert all(p.grad is not None for p in dirty.parameters())
+    train(clean, _data(), _mse, _cfg(max_steps=5), tmp_path / "clean")
+    train(dirty, _data(), _mse, _cfg(max_steps=5), tmp_path / "dirty")
+    assert torch.equal(_weights(clean), _weights(dirty))
+
+
 class _Mixed(nn.Module):
     def __init__(self):
         super().__init__()

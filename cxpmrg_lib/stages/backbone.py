@@ -162,6 +162,7 @@ def pretrain_backbone(backbone: nn.Module, extract: Callable[[torch.Tensor], tor
         first = last if step == 0 else first
         if step % 10 == 0:
             bar.set_postfix(loss=round(last, 4))
+    optimizer.zero_grad(set_to_none=True)       # the backbone leaves as a loaded one would: no gradients
     backbone.train(was_training)
     seconds = time.perf_counter() - t0
     log.info("%s: backbone pre-trained (%s) on %d training studies for %d steps in %.0f s (loss %.3f -> %.3f)",

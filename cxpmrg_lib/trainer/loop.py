@@ -115,6 +115,11 @@ class _Run(_RunFiles):
         cfg = self.config
         set_seed(cfg.seed + self.dist.rank)  # distinct dropout streams per process
         self.model.to(self.device)
+        # Gradients left on the model by whatever ran before (the benchmark's backbone step trains a system's
+        # image network in the same process) would be added to the first step's: the optimizer clears them
+        # only after each step. The benchmark's Transformer, which trained the shared CNN itself, so got
+        # other weights than R2Gen, which loaded the same CNN (first loss 4.65821 against 4.65815).
+        self.model.zero_grad(set_to_none=True)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg)
         total, warmup, floor = self.total, self.warmup, cfg.min_lr_ratio
