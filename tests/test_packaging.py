@@ -167,3 +167,18 @@ def test_paper_results_are_the_papers_tables():
     if shared.exists():  # the transcription beside the repository, when present
         for f in shared.glob("*.csv"):
             assert (d / f.name).read_bytes() == f.read_bytes(), f"{f.name} differs from shared/paper"
+
+
+def test_every_kernel_source_ships_with_the_package():
+    """The compiled kernels build from models/csrc at first use: every file there is package data."""
+    from fnmatch import fnmatch
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["cxpmrg_lib"]
+    csrc = ROOT / "cxpmrg_lib" / "models" / "csrc"
+    files = [p.relative_to(ROOT / "cxpmrg_lib").as_posix() for p in csrc.iterdir() if p.is_file()]
+    assert {"models/csrc/selective_scan.cpp", "models/csrc/fused_ops.cpp", "models/csrc/lanes.h"} <= set(files)
+    for f in files:
+        assert any(fnmatch(f, g) for g in globs), f"{f} is not in pyproject's package-data"
+    from cxpmrg_lib.models import ssm_build
+
+    assert {p.name for p in ssm_build.SOURCES + ssm_build.HEADERS} == {p.name for p in csrc.iterdir() if p.is_file()}

@@ -1,4 +1,5 @@
-"""Build (once per machine) and load the compiled CPU selective scan, `csrc/selective_scan.cpp`.
+"""Build (once per machine) and load the compiled CPU kernels of `csrc/`: the selective scan and the mixer's
+conv (`selective_scan.cpp`), the block's RMSNorm and SwiGLU gate (`fused_ops.cpp`), one extension.
 
 torch.utils.cpp_extension compiles it with ninja into torch's extension cache
 (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR), keyed by a hash of the source and its
@@ -21,11 +22,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_kernel", "kernel_problem", "kernel_lanes", "SOURCE", "OPS_NAMESPACE"]
+__all__ = ["load_kernel", "kernel_problem", "kernel_lanes", "SOURCE", "SOURCES", "OPS_NAMESPACE"]
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "selective_scan.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "selective_scan.cpp"
+SOURCES = (SOURCE, CSRC / "fused_ops.cpp")     # compiled into one library, ops under one namespace
+HEADERS = (CSRC / "lanes.h",)
 OPS_NAMESPACE = "cxpmrg_scan"
 # -O3 without -ffast-math (the kernel's own vectorisable exp keeps IEEE semantics elsewhere);
 # -fopenmp so at::parallel_for uses torch's OpenMP pool (libgomp.so.1 is torch's own at run time).
@@ -62,7 +66,7 @@ def _build_name() -> str:
     h = hashlib.sha256()
     # the source's path too: ninja rebuilds when the command line names another source file, so two
     # checkouts on one machine sharing one cache entry would rebuild each other's at every switch
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
+    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
                  _cpu_key().encode(), str(SOURCE.resolve()).encode()):
         h.update(part)
     return f"cxpmrg_scan_{h.hexdigest()[:12]}"
@@ -70,8 +74,9 @@ def _build_name() -> str:
 
 def kernel_problem() -> str | None:
     """Why the kernel cannot be built here (what to install), or None when the tools are present."""
-    if not SOURCE.is_file():
-        return f"the kernel source {SOURCE} is missing from the installed package"
+    missing = [p for p in SOURCES + HEADERS if not p.is_file()]
+    if missing:
+        return f"the kernel source {missing[0]} is missing from the installed package"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None and shutil.which("g++") is None:
         return f"no C++ compiler ({cxx}) on PATH: install one (`apt-get install build-essential`)"
@@ -97,13 +102,13 @@ def load_kernel(verbose: bool = False):
             ninja_dir = Path(sys.executable).parent            # ninja's script in the venv, if not on PATH
             if shutil.which("ninja") is None and (ninja_dir / "ninja").exists():
                 os.environ["PATH"] = f"{ninja_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-            load(name=_build_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+            load(name=_build_name(), sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                  is_python_module=False, verbose=verbose)
             ops = getattr(torch.ops, OPS_NAMESPACE)
-            ops.scan_fwd                                         # raises if the library did not register
+            ops.scan_fwd, ops.rmsnorm_fwd                        # raise if the library did not register
         except Exception as e:                                   # a failed build must not stop a run
             tail = str(e).strip().splitlines()[-3:]
-            problem = f"building {SOURCE.name} failed ({' / '.join(tail)})"
+            problem = f"building {' and '.join(p.name for p in SOURCES)} failed ({' / '.join(tail)})"
             ops = None
     if ops is None:
         logger.warning("compiled selective scan unavailable: %s; using the pure-PyTorch scan (same results, "

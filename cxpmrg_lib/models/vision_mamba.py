@@ -1,6 +1,7 @@
 """The MambaXray-VL visual encoder: patches -> Vision Mamba blocks -> tokens and a pooled vector.
 
-Blocks are RMSNorm -> Mamba mixer -> residual, RMSNorm -> SwiGLU MLP -> residual.
+Blocks are RMSNorm -> Mamba mixer -> residual, RMSNorm -> SwiGLU MLP -> residual (on a CPU the norms and
+the gate are compiled ops where the compiled scan is: `fused_ops`).
 The mixer's parameters carry mamba_ssm's `Mamba` names (in_proj, conv1d, x_proj,
 dt_proj, A_log, D, out_proj) so one state dict serves the CPU scan and the CUDA
 kernel. Stage 1 scans one way (a causal sequence, which the autoregressive head
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxpmrg_lib.models import mixer_conv
-from cxpmrg_lib.models.ssm import compiled_available, scan_impl_name, selective_scan
+from cxpmrg_lib.models.fused_ops import RMSNorm, compiled_cpu, swiglu
+from cxpmrg_lib.models.ssm import selective_scan
 
 __all__ = ["EncoderConfig", "VisionMamba", "MambaMixer", "EncoderOutput", "expand_to_four_way",
            "sincos_pos_embed_2d", "study_tokens", "match_channels", "DIRECTIONS", "DIRECTION_PARAMS"]
@@ -183,15 +185,16 @@ class MambaMixer(nn.Module):
         """
         xz = self.in_proj(hidden).transpose(1, 2)                           # (B, 2d, L)
         x, z = xz.chunk(2, dim=1)
-        if self.merge_directions and not hidden.is_cuda and (len(self.directions) > 1 or _compiled_cpu(hidden)):
-            ys = self._scan_merged(x, z)                                     # already in token order
+        if self.merge_directions and not hidden.is_cuda and (len(self.directions) > 1 or compiled_cpu(hidden)):
+            ys = self._scan_merged(x, z)                                     # (G, B, d, L), in token order
+            y = ys[0] if len(ys) == 1 else ys.mean(0)     # one op (its backward one expand, not a stack)
         else:
             ys = [self._reorder(self._scan(self._reorder(x, s), self._reorder(z, s), s), s, inverse=True)
                   for s in self.directions]
-        total = None
-        for y in ys:
-            total = y if total is None else total + y
-        y = total if len(ys) == 1 else total / len(ys)
+            total = None
+            for y in ys:
+                total = y if total is None else total + y
+            y = total if len(ys) == 1 else total / len(ys)
         return self.out_proj(y.transpose(1, 2))
 
     merge_directions = True  # class default; set False on an instance to force the per-direction path
@@ -212,13 +215,13 @@ class MambaMixer(nn.Module):
             rows.append(idx)
         return torch.stack(rows)
 
-    def _scan_merged(self, x: torch.Tensor, z: torch.Tensor) -> list[torch.Tensor]:
+    def _scan_merged(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Every direction's `_scan` at once: directions stacked as channels for the depthwise conv
         and as a leading dim for the projections, then folded into the batch of one selective scan
         whose A, D and dt bias are given per sequence. The causal conv needs each direction's scan
         order (one gather of x); everything after it stays in token order and the scan is told each
         direction's order (`order=`), so z is not reordered and the outputs need no inverse reorder.
-        Returns the directions' outputs in token order."""
+        Returns the directions' outputs in token order, stacked: (G, B, d, L)."""
         dirs = self.directions
         g, (b, d, length) = len(dirs), x.shape
         n, r = self.d_state, self.dt_rank
@@ -230,7 +233,7 @@ class MambaMixer(nn.Module):
 
         x_proj_w = stack([xp.weight for _, xp, _ in mods])                           # (G, r + 2n, d)
         dt_proj_w = stack([dp.weight for _, _, dp in mods])                          # (G, d, r)
-        if _compiled_cpu(x):
+        if compiled_cpu(x):
             # channels innermost throughout: the compiled conv writes (G, B, L, d) in token order, the
             # projections are batched matmuls over it, and the scan reads u, delta, z and writes its
             # output in that layout (no gathers, no layout copies; the output's transpose is contiguous)
@@ -270,12 +273,7 @@ class MambaMixer(nn.Module):
                            D=per_seq(stack([getattr(self, "D" + s) for s in dirs]).float()),
                            z=z_all, delta_bias=per_seq(stack([dp.bias for _, _, dp in mods]).float()),
                            delta_softplus=True, order=per_seq(orders))
-        return list(y.view(g, b, d, length).unbind(0))
-
-
-def _compiled_cpu(x: torch.Tensor) -> bool:
-    """Whether the mixer takes the compiled CPU kernels (scan and conv) for x."""
-    return x.device.type == "cpu" and scan_impl_name("cpu") == "compiled" and compiled_available()
+        return y.view(g, b, d, length)
 
 
 class SwiGLU(nn.Module):
@@ -285,17 +283,16 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(F.silu(gate) * value)
+        return self.fc2(swiglu(self.fc1(x)))          # silu(gate) * value, the halves of fc1's output
 
 
 class MambaBlock(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.norm1 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm1 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mixer = MambaMixer(cfg.dim, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank,
                                 DIRECTIONS[cfg.scan], cfg.grid)
-        self.norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm2 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         hidden = int(round(cfg.dim * cfg.mlp_ratio * 2 / 3 / 8)) * 8
         self.mlp = SwiGLU(cfg.dim, hidden)
 
@@ -341,7 +338,7 @@ class VisionMamba(nn.Module):
                             if cfg.stem == "patch" else conv_stem(cfg.in_chans, cfg.dim, cfg.patch_size, cfg.norm_eps))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.dim, cfg.grid)[None], persistent=False)
         self.blocks = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.depth))
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.apply(_init_linear)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
