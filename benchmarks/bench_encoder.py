@@ -1,6 +1,7 @@
 """Training throughput of the tiny Vision Mamba encoder (1-way, 4-way) against a same-sized ViT, at 1 and 2 threads.
 
-Runs `cxpmrg perf encoder` at 128, 256, 384 and 512 px in one process per thread count and writes
+Runs `cxpmrg perf encoder` at 128, 256, 384 and 512 px (the three encoders interleaved, the median of at least
+five rounds) in one process per thread count and writes
 runs/perf/encoder.json (2 threads; the efficiency chapter plots it) and runs/perf/encoder_<n>threads.json.
 Prints the table with the ratios against the ViT, the log-log slope of step time against token count,
 and the goals (4-way step at most 2x the ViT's at 128 px and faster from 256 px up; 1-way at most 1.2x

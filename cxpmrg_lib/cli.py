@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     en = pfsub.add_parser("encoder", help="training images/s of the Vision Mamba encoder vs a same-sized ViT")
     en.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 384, 512])
     en.add_argument("--batch", type=int, default=8)
-    en.add_argument("--repeats", type=int, default=3)
+    en.add_argument("--repeats", type=int, default=5,
+                    help="least rounds per size (one interleaved step of each encoder; more fill 2 s)")
     en.add_argument("--preset", default="tiny")
     en.add_argument("--out", type=Path, default=Path("runs/perf/encoder.json"))
     en.set_defaults(func=_cmd_perf_encoder)

@@ -199,51 +199,17 @@ def scan_figure(result: dict, title: str | None = None) -> plt.Figure:
 def measure_encoder(smoke: bool = False, preset: str = "tiny", seed: int = 0, **overrides) -> dict:
     """Training step time of the preset's Vision Mamba (1-way, 4-way) and a same-size ViT at each input size.
 
-    The book's budgeted version of perf.encoder.benchmark_encoder, with the same result layout. With
-    so few repeats, load from other processes matters more than in the full benchmark, so the three
-    encoders' steps are interleaved (one of each per round) and the fastest step counts: a step can be
-    slowed by another process but not sped up.
+    perf.encoder.benchmark_encoder on the book's budget (few rounds, one warm-up, batch 2). With so few
+    rounds, load from other processes matters more than in the full benchmark, so the fastest of the
+    interleaved steps counts (a step can be slowed by another process but not sped up); the full
+    benchmark reports the median of more rounds.
     """
-    import time
-
-    import torch
-    from cxpmrg_lib.util.progress import tqdm
-
-    from cxpmrg_lib.models.vision_mamba import EncoderConfig, VisionMamba
-    from cxpmrg_lib.perf.encoder import ViTEncoder, _scaling, train_step
-    from cxpmrg_lib.presets import get_preset
+    from cxpmrg_lib.perf.encoder import benchmark_encoder
 
     settings = {**ENCODER_SETTINGS["smoke" if smoke else "default"], **overrides}
-    sizes, batch, repeats = settings["sizes"], settings["batch"], settings["repeats"]
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1; got {repeats}")
-    base = get_preset(preset).encoder
-    systems = ("mamba 1-way", "mamba 4-way", "vit")
-    rows = []
-    for size in tqdm(sizes, desc="encoder throughput", unit="size"):
-        steps, params = {}, {}
-        for name in systems:
-            torch.manual_seed(seed)
-            cfg = EncoderConfig(**{**base.to_dict(), "image_size": int(size),
-                                   "scan": "4-way" if name == "mamba 4-way" else "1-way"})
-            model = (ViTEncoder(cfg) if name == "vit" else VisionMamba(cfg)).train()
-            params[name] = sum(p.numel() for p in model.parameters()) / 1e6
-            steps[name] = train_step(model, torch.randn(batch, cfg.in_chans, size, size))
-            steps[name]()                          # warm-up: allocations, kernel selection
-        times = {name: [] for name in systems}
-        for _ in range(repeats):
-            for name in systems:
-                t0 = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - t0)
-        for name in systems:
-            seconds = min(times[name])
-            rows.append({"system": name, "image_size": int(size), "tokens": cfg.num_patches, "batch": batch,
-                         "step_s": seconds, "images_per_s": batch / seconds, "params_m": params[name]})
-    return {"preset": preset, "dim": base.dim, "depth": base.depth, "patch_size": base.patch_size, "batch": batch,
-            "repeats": repeats, "statistic": "min, interleaved", "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": platform.platform(), "processor": _cpu_name(),
-            "rows": rows, "scaling": _scaling(rows)}
+    result = benchmark_encoder(sizes=settings["sizes"], batch=settings["batch"], repeats=settings["repeats"],
+                               preset=preset, seed=seed, statistic="min", min_seconds=0.0, warmup=1)
+    return {**result, "processor": _cpu_name()}
 
 
 def encoder_table(result: dict) -> pd.DataFrame:

@@ -20,7 +20,8 @@ The build costs ~20 s once per machine and checkout (cached in torch's extension
 The kernel: threads over (batch x blocks of 16 channels, 8 without AVX-512); the channels of a block are
 the lanes of one vector (GCC vector extensions: one AVX-512 or AVX2 register), so every state is an independent
 lane-wise recurrence; the state count is a template parameter for 16 and 8 (the states stay in
-registers), and exp is exp2 by a degree-6 polynomial with vrndscale/vscalef (no -ffast-math). A block
+registers), and exp is exp2 by a degree-6 polynomial with vrndscale/vscalef (no -ffast-math; the lane
+types and math sit in csrc/lanes.h, shared with the block's compiled RMSNorm and gate, fused_ops). A block
 first transposes its channels' inputs into time-major lane vectors (16x16 register transposes; a
 channels-last input, as the merged mixer passes it, is read directly), the output is written in u's
 layout. The forward keeps a state checkpoint every 32 steps (not the per-step exp(dt * A) the pure
@@ -29,9 +30,9 @@ block-local buffer that stays in cache, runs the adjoint back through it, and su
 over channels (dB, dC) with a shuffle tree, adding into one row per sequence when a thread runs all
 of a sequence's blocks. It reads u, delta, z, B, C through strides and `order` (no copies into scan
 order). Forward + backward at B8 D192 N16 L196 (`make bench`, medians of interleaved rounds; the
-machine's noise is about +-15%): 1 thread 7.3 ms against 32.6 ms for the pure path (4.4x), 334 ms
-for mambapy (45x) and 1.0 s for the sequential reference; 2 threads 4.8 ms (8.1x the pure path, 70x
-mambapy); at L 784, 6.4x the pure path at 1 thread. Without AVX-512 the lanes are one AVX2 register,
+machine's noise is about +-15%; an AVX-512 Xeon, December 2026): 1 thread 6.2 ms against 35.1 ms
+for the pure path (5.7x), 343 ms for mambapy (55x) and 1.1 s for the sequential reference; 2 threads
+3.6 ms (6.2x the pure path, 43x mambapy); at L 784, 7.7x the pure path at 1 thread. Without AVX-512 the lanes are one AVX2 register,
 8 channels a block (the state vectors of a 16-channel block, two registers each, spilled on a 16-register
 machine): on an AVX2-only AMD EPYC, the same B8 D192 N16 L196 forward + backward takes 20 ms at 1 thread
 and 13 ms at 2 (80 and 39 ms with the 16-lane vectors; the tiny 4-way encoder's training step at batch 16,

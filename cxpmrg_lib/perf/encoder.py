@@ -61,37 +61,53 @@ def train_step(model: nn.Module, images: torch.Tensor):
     return step
 
 
-def _step_seconds(model: nn.Module, images: torch.Tensor, repeats: int) -> float:
-    step = train_step(model, images)
-    step()  # warm-up (allocations, kernel selection)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def benchmark_encoder(sizes=(128, 256, 384, 512), batch: int = 8, repeats: int = 5, preset: str = "tiny",
+                      out_json: str | Path | None = None, seed: int = 0, statistic: str = "median",
+                      min_seconds: float = 2.0, warmup: int = 2) -> dict:
+    """Training images/s of the preset's encoder (1-way, 4-way) and a same-sized ViT at each input size.
 
-
-def benchmark_encoder(sizes=(128, 256, 384, 512), batch: int = 8, repeats: int = 3, preset: str = "tiny",
-                      out_json: str | Path | None = None, seed: int = 0) -> dict:
-    """Training images/s of the preset's encoder (1-way, 4-way) and a same-sized ViT at each input size."""
+    The three encoders' steps are interleaved (one step of each per round), so that load from other
+    processes falls on all three alike; each size runs at least `repeats` rounds and as many more as
+    fit in `min_seconds` (up to 25), after `warmup` untimed steps of each. `statistic` is the step time
+    reported: "median" of the rounds, or "min" (a step can be slowed by another process, not sped up).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1; got {repeats}")
+    if statistic not in ("median", "min"):
+        raise ValueError(f"statistic must be 'median' or 'min', not {statistic!r}")
     base = get_preset(preset).encoder
-    rows = []
     systems = ("mamba 1-way", "mamba 4-way", "vit")
-    todo = [(s, name) for s in sizes for name in systems]
-    for size, name in tqdm(todo, desc="encoder throughput", unit="run"):
-        torch.manual_seed(seed)
-        cfg = EncoderConfig(**{**base.to_dict(), "image_size": int(size),
-                               "scan": "4-way" if name == "mamba 4-way" else "1-way"})
-        model = ViTEncoder(cfg) if name == "vit" else VisionMamba(cfg)
-        images = torch.randn(batch, cfg.in_chans, size, size)
-        seconds = _step_seconds(model.train(), images, repeats)
-        rows.append({"system": name, "image_size": int(size), "tokens": cfg.num_patches, "batch": batch,
-                     "step_s": seconds, "images_per_s": batch / seconds,
-                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6})
-        log.info("%s at %d px: %.1f images/s", name, size, batch / seconds)
+    rows = []
+    for size in tqdm(sizes, desc="encoder throughput", unit="size"):
+        steps, params = {}, {}
+        for name in systems:
+            torch.manual_seed(seed)
+            cfg = EncoderConfig(**{**base.to_dict(), "image_size": int(size),
+                                   "scan": "4-way" if name == "mamba 4-way" else "1-way"})
+            model = (ViTEncoder(cfg) if name == "vit" else VisionMamba(cfg)).train()
+            params[name] = sum(p.numel() for p in model.parameters()) / 1e6
+            steps[name] = train_step(model, torch.randn(batch, cfg.in_chans, size, size))
+            for _ in range(warmup):                # allocations, kernel selection
+                steps[name]()
+        times = {name: [] for name in systems}
+        started = time.perf_counter()
+        while True:
+            for name in systems:
+                t0 = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - t0)
+            rounds = len(times["vit"])
+            if rounds >= repeats and (time.perf_counter() - started >= min_seconds or rounds >= 25):
+                break
+        for name in systems:
+            seconds = statistics.median(times[name]) if statistic == "median" else min(times[name])
+            rows.append({"system": name, "image_size": int(size), "tokens": cfg.num_patches, "batch": batch,
+                         "step_s": seconds, "images_per_s": batch / seconds, "params_m": params[name],
+                         "rounds": rounds})
+            log.info("%s at %d px: %.1f images/s", name, size, batch / seconds)
     result = {"preset": preset, "dim": base.dim, "depth": base.depth, "patch_size": base.patch_size,
-              "batch": batch, "repeats": repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "batch": batch, "repeats": repeats, "statistic": f"{statistic}, interleaved",
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
               "rows": rows, "scaling": _scaling(rows)}
     if out_json is not None:
@@ -116,7 +132,7 @@ def format_encoder_table(result: dict) -> str:
     vit = {r["image_size"]: r["images_per_s"] for r in rows if r["system"] == "vit"}
     lines = [f"encoder training throughput (preset {result['preset']}: dim {result['dim']}, depth "
              f"{result['depth']}, patch {result['patch_size']}, batch {result['batch']}, "
-             f"{result['threads']} threads)",
+             f"{result['threads']} threads, step time: {result.get('statistic', 'median')})",
              f"{'system':<13}{'px':>6}{'tokens':>8}{'images/s':>11}{'vs ViT':>9}{'params M':>10}"]
     for r in rows:
         ratio = r["images_per_s"] / vit[r["image_size"]] if r["image_size"] in vit else float("nan")
