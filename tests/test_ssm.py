@@ -498,3 +498,65 @@ def test_cuda_dispatch_order_is_triton_then_mamba_ssm_then_pytorch(monkeypatch):
     fake.selective_scan_triton = lambda *a, **k: None
     monkeypatch.setitem(sys.modules, "cxpmrg_lib.models.ssm_triton", fake)
     assert ssm.scan_impl_name("cuda") == "triton"
+
+
+# ----------------------------------------------------------------------------- grouped scan (merged directions)
+
+def _grouped_inputs(groups, batch, channels, state, length, dtype, seed=0):
+    """Per-sequence A, D and bias and a scan order per sequence, as the merged mixer passes them; z once per b."""
+    t = make_inputs(groups * batch, channels, state, length, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    t["A"] = -torch.exp(torch.rand(groups * batch, channels, state, generator=g, dtype=dtype) * 2)
+    t["D"] = torch.randn(groups * batch, channels, generator=g, dtype=dtype)
+    t["delta_bias"] = torch.randn(groups * batch, channels, generator=g, dtype=dtype) * 0.1
+    t["z"] = t["z"][:batch].clone()
+    order = torch.stack([torch.randperm(length, generator=g) for _ in range(groups * batch)])
+    return t, order
+
+
+@needs_kernel
+@pytest.mark.parametrize("groups,batch,length", [(4, 2, 70), (2, 3, 33), (1, 2, 9)])
+def test_grouped_scan_is_the_mean_of_the_groups_bit_for_bit(groups, batch, length):
+    """groups=G: every group reads the one z and the output is the groups' mean, exactly what the ungrouped scan
+    with z repeated per group followed by torch's mean gives (float32, outputs and every gradient)."""
+    t, order = _grouped_inputs(groups, batch, 20, 16, length, torch.float32)
+    leaves = {k: v.clone().requires_grad_() for k, v in t.items()}
+    out = ssm.selective_scan_compiled(*(leaves[k] for k in "u delta A B C".split()), D=leaves["D"], z=leaves["z"],
+                                      delta_bias=leaves["delta_bias"], delta_softplus=True, order=order,
+                                      groups=groups)
+    assert out.shape == (batch, 20, length)
+    ref_leaves = {k: v.clone().requires_grad_() for k, v in t.items()}
+    z_rep = ref_leaves["z"].unsqueeze(0).expand(groups, -1, -1, -1).reshape(groups * batch, 20, length)
+    ref = ssm.selective_scan_compiled(*(ref_leaves[k] for k in "u delta A B C".split()), D=ref_leaves["D"], z=z_rep,
+                                      delta_bias=ref_leaves["delta_bias"], delta_softplus=True, order=order)
+    ref = ref.view(groups, batch, 20, length).mean(0)
+    assert torch.equal(out, ref)
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    (ref * weight).sum().backward()
+    for k in NAMES:
+        assert torch.equal(leaves[k].grad, ref_leaves[k].grad), k
+
+
+@needs_kernel
+def test_grouped_scan_gradcheck_float64():
+    t, order = _grouped_inputs(2, 2, 3, 4, 40, torch.float64, seed=3)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    tensors = [t[k].clone().requires_grad_() for k in names]
+
+    def f(*ts):
+        a = dict(zip(names, ts))
+        return ssm.selective_scan_compiled(a["u"], a["delta"], a["A"], a["B"], a["C"], D=a["D"], z=a["z"],
+                                           delta_bias=a["delta_bias"], delta_softplus=True, order=order, groups=2)
+
+    assert torch.autograd.gradcheck(f, tensors)
+
+
+@needs_kernel
+def test_grouped_scan_refuses_bad_groups_and_z():
+    t, order = _grouped_inputs(2, 2, 4, 4, 8, torch.float32)
+    args = [t[k] for k in "u delta A B C".split()]
+    with pytest.raises(ValueError, match="divisor"):
+        ssm.selective_scan_compiled(*args, z=t["z"], groups=3)
+    with pytest.raises(ValueError, match="batch / groups"):
+        ssm.selective_scan_compiled(*args, z=t["u"], groups=2)

@@ -205,3 +205,24 @@ def test_conv_stem_tokens_each_see_exactly_their_own_patch():
 def test_bad_stem_is_refused(bad):
     with pytest.raises(ValueError, match="stem"):
         EncoderConfig(**bad)
+
+
+@pytest.mark.skipif(not compiled_available(), reason="the compiled scan did not build here")
+@pytest.mark.parametrize("scan", ["4-way", "1-way"])
+def test_folded_directions_equal_the_stacked_mean_bit_for_bit(scan, monkeypatch):
+    """The compiled grouped scan (one z for every direction, the directions' mean in the kernel) gives the same
+    bits as repeating z and averaging the stacked outputs in torch: tokens and every gradient of a training step."""
+    torch.manual_seed(0)
+    model = VisionMamba(EncoderConfig(image_size=32, patch_size=8, dim=32, depth=2, scan=scan))
+    images = torch.randn(3, 1, 32, 32)
+    results = []
+    for fold in (True, False):
+        monkeypatch.setattr(MambaMixer, "fold_directions", fold)
+        model.zero_grad(set_to_none=True)
+        tokens = model(images).tokens
+        (tokens * tokens.detach().sin()).sum().backward()
+        results.append((tokens.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (t1, g1), (t2, g2) = results
+    assert torch.equal(t1, t2)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name

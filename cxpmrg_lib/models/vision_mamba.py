@@ -20,7 +20,7 @@ from torch import nn
 
 from cxpmrg_lib.models import mixer_conv
 from cxpmrg_lib.models.fused_ops import RMSNorm, compiled_cpu, swiglu
-from cxpmrg_lib.models.ssm import selective_scan
+from cxpmrg_lib.models.ssm import selective_scan, selective_scan_compiled
 
 __all__ = ["EncoderConfig", "VisionMamba", "MambaMixer", "EncoderOutput", "expand_to_four_way",
            "sincos_pos_embed_2d", "study_tokens", "match_channels", "DIRECTIONS", "DIRECTION_PARAMS"]
@@ -186,8 +186,7 @@ class MambaMixer(nn.Module):
         xz = self.in_proj(hidden).transpose(1, 2)                           # (B, 2d, L)
         x, z = xz.chunk(2, dim=1)
         if self.merge_directions and not hidden.is_cuda and (len(self.directions) > 1 or compiled_cpu(hidden)):
-            ys = self._scan_merged(x, z)                                     # (G, B, d, L), in token order
-            y = ys[0] if len(ys) == 1 else ys.mean(0)     # one op (its backward one expand, not a stack)
+            y = self._scan_merged(x, z)                      # the directions' mean, (B, d, L), in token order
         else:
             ys = [self._reorder(self._scan(self._reorder(x, s), self._reorder(z, s), s), s, inverse=True)
                   for s in self.directions]
@@ -198,6 +197,9 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
     merge_directions = True  # class default; set False on an instance to force the per-direction path
+    # class default; False repeats z for every direction and averages the stacked outputs in torch (the
+    # compiled kernel's grouped scan does both in place; tests compare the two, which agree bit for bit)
+    fold_directions = True
 
     def scan_orders(self, length: int, device=None) -> torch.Tensor:
         """(directions, length) int64: step t of direction g's scan reads token orders[g, t] (row-major
@@ -221,7 +223,9 @@ class MambaMixer(nn.Module):
         whose A, D and dt bias are given per sequence. The causal conv needs each direction's scan
         order (one gather of x); everything after it stays in token order and the scan is told each
         direction's order (`order=`), so z is not reordered and the outputs need no inverse reorder.
-        Returns the directions' outputs in token order, stacked: (G, B, d, L)."""
+        Returns the mean of the directions' outputs in token order, (B, d, L). With the compiled kernels
+        the scan itself gates every direction by the one z and averages them (`groups`); the pure-PyTorch
+        path repeats z for every direction and averages the stacked outputs (the same numbers)."""
         dirs = self.directions
         g, (b, d, length) = len(dirs), x.shape
         n, r = self.d_state, self.dt_rank
@@ -248,7 +252,10 @@ class MambaMixer(nn.Module):
 
             u, delta, b_in, c_in = seq_major(xc.view(g, b * length, d)), seq_major(delta), seq_major(b_in), \
                 seq_major(c_in)
-            z_all = seq_major(z.transpose(1, 2).unsqueeze(0).expand(g, b, length, d).reshape(g, b * length, d))
+            if self.fold_directions:
+                z_all = z                       # read once per batch row by every direction (`groups`)
+            else:
+                z_all = seq_major(z.transpose(1, 2).unsqueeze(0).expand(g, b, length, d).reshape(g, b * length, d))
         else:
             inverse = torch.argsort(orders, dim=-1)
             xs = x.unsqueeze(1).expand(b, g, d, length).gather(3, orders[None, :, None, :].expand(b, g, d, length))
@@ -269,11 +276,13 @@ class MambaMixer(nn.Module):
             return t.unsqueeze(1).expand(g, b, *t.shape[1:]).reshape(g * b, *t.shape[1:])
 
         a = -torch.exp(stack([getattr(self, "A_log" + s) for s in dirs]).float())
-        y = selective_scan(u, delta, per_seq(a), b_in, c_in,
-                           D=per_seq(stack([getattr(self, "D" + s) for s in dirs]).float()),
-                           z=z_all, delta_bias=per_seq(stack([dp.bias for _, _, dp in mods]).float()),
-                           delta_softplus=True, order=per_seq(orders))
-        return y.view(g, b, d, length)
+        params = dict(D=per_seq(stack([getattr(self, "D" + s) for s in dirs]).float()), z=z_all,
+                      delta_bias=per_seq(stack([dp.bias for _, _, dp in mods]).float()), delta_softplus=True,
+                      order=per_seq(orders))
+        if z_all is z and compiled_cpu(x):
+            return selective_scan_compiled(u, delta, per_seq(a), b_in, c_in, **params, groups=g)
+        y = selective_scan(u, delta, per_seq(a), b_in, c_in, **params).view(g, b, d, length)
+        return y[0] if g == 1 else y.mean(0)
 
 
 class SwiGLU(nn.Module):

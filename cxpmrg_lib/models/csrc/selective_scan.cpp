@@ -116,9 +116,11 @@ template <typename T>
 struct Seq3 {  // a (batch, channels, length) tensor read through strides
   const T* p = nullptr;
   int64_t sb = 0, sc = 0, sl = 0;
+  int64_t period = 0;  // > 0: sequence b reads row b % period (one row shared by the groups of a batch)
   Seq3() = default;
-  explicit Seq3(const at::Tensor& t)
-      : p(t.data_ptr<T>()), sb(t.stride(0)), sc(t.stride(1)), sl(t.stride(2)) {}
+  explicit Seq3(const at::Tensor& t, int64_t period_ = 0)
+      : p(t.data_ptr<T>()), sb(t.stride(0)), sc(t.stride(1)), sl(t.stride(2)), period(period_) {}
+  const T* row(int64_t b) const { return p + (period > 0 ? b % period : b) * sb; }
 };
 
 template <typename T>
@@ -140,13 +142,15 @@ struct Args {
   const T* bias;
   bool A_seq, D_seq, bias_seq, softplus;
   const int64_t* order;  // (batch, len) contiguous or null
+  int64_t groups = 1;    // > 1: G groups of batch / G sequences share z (and dout), the output is their mean
 };
 
 template <typename T>
 Args<T> make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& Bt,
                   const at::Tensor& Ct, const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias,
-                  const at::Tensor& order, bool softplus) {
+                  const at::Tensor& order, bool softplus, int64_t groups = 1) {
   Args<T> a;
+  a.groups = groups;
   a.batch = u.size(0);
   a.dim = u.size(1);
   a.len = u.size(2);
@@ -154,7 +158,7 @@ Args<T> make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
   a.nblk = (a.dim + Lanes<T>::W - 1) / Lanes<T>::W;
   a.u = Seq3<T>(u);
   a.delta = Seq3<T>(delta);
-  if (z.defined()) a.z = Seq3<T>(z);
+  if (z.defined()) a.z = Seq3<T>(z, groups > 1 ? a.batch / groups : 0);
   a.B = Bt.data_ptr<T>();
   a.C = Ct.data_ptr<T>();
   a.A = A.data_ptr<T>();
@@ -191,7 +195,7 @@ struct BlockGeom {
   void load(const Seq3<T>& s, int64_t len, V* out) const {
     const T* rows[W];
     for (int w = 0; w < W; ++w) {
-      rows[w] = s.p + b * s.sb + chan[w] * s.sc;
+      rows[w] = s.row(b) + chan[w] * s.sc;
       for (int64_t l = 0; l < std::min<int64_t>(len, 4 * W); l += W) __builtin_prefetch(rows[w] + l * s.sl);
     }
     int64_t l0 = 0;
@@ -295,8 +299,9 @@ inline typename Lanes<T>::V step_states(const Block<T>& blk, int N, const T* __r
 template <typename T>
 struct Work {
   using V = typename Lanes<T>::V;
-  std::vector<V> dt, u, y, z, dsp, dout, gu, gx, gz, hbuf, ebuf, ych;
-  Work(int64_t len, int64_t nstate, bool backward) : dt(len), u(len), y(backward ? 0 : len), z(len) {
+  std::vector<V> dt, u, y, z, dsp, dout, gu, gx, gz, hbuf, ebuf, ych, acc;
+  Work(int64_t len, int64_t nstate, bool backward, bool grouped = false)
+      : dt(len), u(len), y(backward ? 0 : len), z(len), acc(grouped && !backward ? len : 0) {
     if (backward) {
       dsp.resize(len), dout.resize(len), gu.resize(len), gx.resize(len), gz.resize(len);
       hbuf.resize((CHUNK + 1) * nstate), ebuf.resize(CHUNK * nstate), ych.resize(CHUNK);
@@ -332,7 +337,14 @@ void forward_block(const Args<T>& a, int64_t bi, Work<T>& wk, const Dst<T>& out,
     blk.load(a.z, a.len, wk.z.data());
     for (int64_t l = 0; l < a.len; ++l) wk.y[l] *= wk.z[l] * sigmoid_v(wk.z[l]);
   }
-  blk.store(wk.y.data(), out, a.len);
+  if (a.groups > 1) {  // the groups' outputs summed in group order (forward_impl divides and stores)
+    if (blk.b < a.batch / a.groups)
+      std::copy(wk.y.begin(), wk.y.end(), wk.acc.begin());
+    else
+      for (int64_t l = 0; l < a.len; ++l) wk.acc[l] += wk.y[l];
+  } else {
+    blk.store(wk.y.data(), out, a.len);
+  }
 }
 
 template <typename T>
@@ -353,6 +365,8 @@ void backward_block(const Args<T>& a, int64_t bi, Work<T>& wk, const Seq3<T>& do
   blk.load_dt(a, wk.dt.data(), wk.dsp.data());
   blk.load(a.u, a.len, wk.u.data());
   blk.load(dout, a.len, wk.dout.data());
+  if (a.groups > 1)  // the mean's gradient: dout / G for every group (the division torch's mean backward does)
+    for (int64_t l = 0; l < a.len; ++l) wk.dout[l] = wk.dout[l] / T(a.groups);
   if (a.z.p) blk.load(a.z, a.len, wk.z.data());
   V adj[NS ? NS : MAX_STATE], dA_acc[NS ? NS : MAX_STATE];
   for (int n = 0; n < N; ++n) adj[n] = dA_acc[n] = V{};
@@ -475,10 +489,29 @@ void forward_impl(const Args<T>& a, const Dst<T>& out, T* last, T* ckpt, int64_t
   });
 }
 
+// groups > 1: threads over (output sequence x channel block); one thread runs a block's G groups in
+// order, summing their outputs, then stores the mean: torch's mean over a stacked group dim, bit for bit
+template <typename T>
+void forward_grouped_impl(const Args<T>& a, const Dst<T>& out, T* last, T* ckpt, int64_t nchunks) {
+  const int64_t bo = a.batch / a.groups;
+  with_nstate<T>(a.nstate, [&](auto ns) {
+    at::parallel_for(0, bo * a.nblk, 1, [&](int64_t begin, int64_t end) {
+      Work<T> wk(a.len, a.nstate, false, true);
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t b = k / a.nblk, cb = k % a.nblk;
+        for (int64_t g = 0; g < a.groups; ++g)
+          forward_block<T, decltype(ns)::value>(a, (g * bo + b) * a.nblk + cb, wk, out, last, ckpt, nchunks);
+        for (int64_t l = 0; l < a.len; ++l) wk.acc[l] = wk.acc[l] / T(a.groups);
+        BlockGeom<T>(a.nblk, a.dim, k).store(wk.acc.data(), out, a.len);  // output sequence b, block cb
+      }
+    });
+  });
+}
+
 template <typename T>
 void backward_impl(const Args<T>& a, const at::Tensor& dout_t, const T* dlast, const T* ckpt, int64_t nchunks,
                    const Grads<T>& g) {
-  const Seq3<T> dout(dout_t);
+  const Seq3<T> dout(dout_t, a.groups > 1 ? a.batch / a.groups : 0);
   with_nstate<T>(a.nstate, [&](auto ns) {
     // threads over sequences when there are enough of them (no partial sums of dB, dC to
     // allocate and add), else over blocks
@@ -511,25 +544,38 @@ void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
 
 at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
+// groups > 1: u's batch is G groups of batch / G sequences, sequence g * (batch / G) + b reading z[b]
+void check_groups(const at::Tensor& u, const at::Tensor& z, int64_t groups) {
+  TORCH_CHECK(groups >= 1 && u.size(0) % groups == 0, "cxpmrg_scan: groups must divide the batch");
+  if (groups > 1 && z.defined())
+    TORCH_CHECK(z.dim() == 3 && z.size(0) * groups == u.size(0) && z.size(1) == u.size(1) && z.size(2) == u.size(2),
+                "cxpmrg_scan: grouped z is (batch / groups, dim, len)");
+  if (groups == 1 && z.defined())
+    TORCH_CHECK(z.sizes() == u.sizes(), "cxpmrg_scan: z like u");
+}
+
 // Returns (out, last_state or empty, checkpoints or empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const std::optional<at::Tensor>& D_, const std::optional<at::Tensor>& z_,
     const std::optional<at::Tensor>& bias_, const std::optional<at::Tensor>& order_, bool softplus, bool keep,
-    bool want_last) {
+    bool want_last, int64_t groups) {
   const at::Tensor D = opt(D_), z = opt(z_), bias = opt(bias_), order = opt(order_);
   check_inputs(u, delta, A, B, C, D, z, bias, order);
-  at::Tensor out = at::empty_like(u);  // u's layout (a channels-last u gives a channels-last output)
+  check_groups(u, z, groups);
+  // u's layout (a channels-last u gives a channels-last output); grouped: the mean, (batch / G, dim, len)
+  at::Tensor out = groups > 1 ? at::empty({u.size(0) / groups, u.size(1), u.size(2)}, u.options()) : at::empty_like(u);
   at::Tensor last = want_last ? at::empty({u.size(0), u.size(1), A.size(-1)}, u.options()) : at::empty({0}, u.options());
   const int64_t nchunks = (u.size(2) + CHUNK - 1) / CHUNK;
   at::Tensor ckpt = at::empty({0}, u.options());
   const at::Tensor Bt = B.transpose(1, 2).contiguous(), Ct = C.transpose(1, 2).contiguous();
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cxpmrg_scan_fwd", [&] {
-    const Args<scalar_t> a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, bias, order, softplus);
+    const Args<scalar_t> a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, bias, order, softplus, groups);
     if (keep) ckpt = at::empty({a.batch * a.nblk, nchunks, a.nstate, Lanes<scalar_t>::W}, u.options());
     if (u.numel() == 0) return;
-    forward_impl<scalar_t>(a, Dst<scalar_t>(out), want_last ? last.data_ptr<scalar_t>() : nullptr,
-                           keep ? ckpt.data_ptr<scalar_t>() : nullptr, nchunks);
+    (groups > 1 ? forward_grouped_impl<scalar_t> : forward_impl<scalar_t>)(
+        a, Dst<scalar_t>(out), want_last ? last.data_ptr<scalar_t>() : nullptr, keep ? ckpt.data_ptr<scalar_t>() : nullptr,
+        nchunks);
   });
   return {out, last, ckpt};
 }
@@ -540,23 +586,28 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const std::optional<at:
                                  const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D_,
                                  const std::optional<at::Tensor>& z_, const std::optional<at::Tensor>& bias_,
-                                 const std::optional<at::Tensor>& order_, const at::Tensor& ckpt, bool softplus) {
+                                 const std::optional<at::Tensor>& order_, const at::Tensor& ckpt, bool softplus,
+                                 int64_t groups) {
   const at::Tensor D = opt(D_), z = opt(z_), bias = opt(bias_), order = opt(order_);
   check_inputs(u, delta, A, B, C, D, z, bias, order);
-  TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == u.scalar_type(), "cxpmrg_scan: dout like u");
+  check_groups(u, z, groups);
+  TORCH_CHECK(dout.size(0) * std::max<int64_t>(groups, 1) == u.size(0) && dout.size(1) == u.size(1) &&
+                  dout.size(2) == u.size(2) && dout.scalar_type() == u.scalar_type(),
+              "cxpmrg_scan: dout like the output");
   at::Tensor dlast;
   if (dlast_.has_value() && dlast_->defined()) dlast = dlast_->to(u.scalar_type()).contiguous();
   const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2), N = A.size(-1);
   const int64_t nchunks = (len + CHUNK - 1) / CHUNK;
   at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta);  // the layouts of the inputs
-  at::Tensor dz = z.defined() ? at::empty_like(z) : at::empty({0}, u.options());
+  // grouped: dz per sequence (u's layout), summed over the groups by the caller
+  at::Tensor dz = !z.defined() ? at::empty({0}, u.options()) : groups > 1 ? at::empty_like(u) : at::empty_like(z);
   at::Tensor dA = at::empty({batch, dim, N}, u.options());
   at::Tensor dD = at::empty({batch, dim}, u.options()), dbias = at::empty({batch, dim}, u.options());
   at::Tensor dBp, dCp;
   bool per_batch = false;
   const at::Tensor Bt = B.transpose(1, 2).contiguous(), Ct = C.transpose(1, 2).contiguous();
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cxpmrg_scan_bwd", [&] {
-    const Args<scalar_t> a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, bias, order, softplus);
+    const Args<scalar_t> a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, bias, order, softplus, groups);
     TORCH_CHECK(ckpt.numel() == a.batch * a.nblk * nchunks * N * Lanes<scalar_t>::W,
                 "cxpmrg_scan: checkpoints do not match the inputs");
     const int64_t threads = at::get_num_threads();
