@@ -126,3 +126,49 @@ def test_encoder_with_and_without_the_fused_layers(monkeypatch):
     torch.testing.assert_close(t1, t2, rtol=1e-4, atol=1e-5)
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES[:4])
+def test_swiglu_with_a_bias_matches_torch(shape):
+    """swiglu(h, bias) is the gate of h + bias (the MLP's first layer's bias, added by the gate): values and the
+    gradients of h and of the bias."""
+    torch.manual_seed(2)
+    h = (3 * torch.randn(*shape[:-1], 2 * shape[-1])).requires_grad_()
+    bias = torch.randn(2 * shape[-1], requires_grad=True)
+    out, want = swiglu(h, bias), _reference_swiglu(h + bias)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    d = torch.randn_like(out)
+    got = torch.autograd.grad((out * d).sum(), (h, bias))
+    exp = torch.autograd.grad((want * d).sum(), (h, bias))
+    for name, a, e in zip(("h", "bias"), got, exp):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@needs_kernel
+def test_swiglu_with_a_bias_gradcheck_and_errors():
+    h = torch.randn(4, 2 * 19, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2 * 19, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (h, bias))
+    with pytest.raises(ValueError, match="bias"):
+        swiglu(torch.randn(2, 8), torch.randn(4))
+
+
+@needs_kernel
+def test_mlp_adds_fc1_bias_in_the_gate():
+    """The block's SwiGLU MLP with the compiled gate adds fc1's bias in the gate instead of in the matmul: the
+    same function, to float32 rounding (on this machine's GEMM, the same bits)."""
+    from cxpmrg_lib.models.vision_mamba import SwiGLU
+
+    torch.manual_seed(3)
+    mlp = SwiGLU(32, 88)
+    with torch.no_grad():
+        mlp.fc1.bias.normal_()
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    y = mlp(x)
+    want = mlp.fc2(_reference_swiglu(mlp.fc1(x)))
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    d = torch.randn_like(y)
+    params = (x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight)
+    for a, e in zip(torch.autograd.grad((y * d).sum(), params), torch.autograd.grad((want * d).sum(), params)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)

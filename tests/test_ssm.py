@@ -560,3 +560,28 @@ def test_grouped_scan_refuses_bad_groups_and_z():
         ssm.selective_scan_compiled(*args, z=t["z"], groups=3)
     with pytest.raises(ValueError, match="batch / groups"):
         ssm.selective_scan_compiled(*args, z=t["u"], groups=2)
+
+
+@needs_kernel
+def test_compiled_reads_B_and_C_through_strides_and_lays_grouped_output_channels_last():
+    """B and C as column slices of one (batch, length, r + 2n) projection (the mixer's x_dbl) are read in place,
+    with the results of contiguous copies; a channels-last u gives a grouped output whose transpose is contiguous."""
+    groups, batch, d, n, length = 2, 3, 20, 8, 33
+    t, order = _grouped_inputs(groups, batch, d, n, length, torch.float32, seed=5)
+    wide = torch.randn(groups * batch, length, 4 + 2 * n)
+    wide[..., 4:4 + n] = t["B"].transpose(1, 2)
+    wide[..., 4 + n:] = t["C"].transpose(1, 2)
+    u_cl = t["u"].transpose(1, 2).contiguous().transpose(1, 2)              # channels innermost
+    results = []
+    for B, C, u in ((wide[..., 4:4 + n].transpose(1, 2), wide[..., 4 + n:].transpose(1, 2), u_cl),
+                    (t["B"].contiguous(), t["C"].contiguous(), t["u"].contiguous())):
+        leaves = [x.detach().clone().requires_grad_() for x in (u, t["delta"], B, C, t["z"])]
+        out = ssm.selective_scan_compiled(leaves[0], leaves[1], t["A"], leaves[2], leaves[3], D=t["D"], z=leaves[4],
+                                          delta_bias=t["delta_bias"], delta_softplus=True, order=order, groups=groups)
+        (out * out.detach().cos()).sum().backward()
+        results.append((out, [x.grad for x in leaves]))
+    (out1, g1), (out2, g2) = results
+    assert out1.transpose(1, 2).is_contiguous()
+    assert torch.equal(out1, out2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)

@@ -226,3 +226,47 @@ def test_folded_directions_equal_the_stacked_mean_bit_for_bit(scan, monkeypatch)
     assert torch.equal(t1, t2)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), name
+
+
+@pytest.mark.skipif(not compiled_available(), reason="the compiled scan did not build here")
+@pytest.mark.parametrize("scan,dtype", [("4-way", torch.float32), ("1-way", torch.float32), ("4-way", torch.float64)])
+def test_fused_core_equals_the_composed_path(scan, dtype, monkeypatch):
+    """The mixer's compiled core as one autograd node (`mixer_merged`) against the same ops composed under autograd:
+    tokens and every gradient of a training step, at 1 and 2 threads. (float32: the same bits on this machine's
+    GEMM; float64: the composed path rounds the A and D gradients through float32.)"""
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-6, atol=1e-9)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)
+            model = VisionMamba(EncoderConfig(image_size=32, patch_size=8, dim=32, depth=2, scan=scan)).to(dtype)
+            images = torch.randn(3, 1, 32, 32, dtype=dtype)
+            results = []
+            for fused in (True, False):
+                monkeypatch.setattr(MambaMixer, "fused_core", fused)
+                model.zero_grad(set_to_none=True)
+                tokens = model(images).tokens
+                (tokens * tokens.detach().sin()).sum().backward()
+                results.append((tokens.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+            (t1, g1), (t2, g2) = results
+            torch.testing.assert_close(t1, t2, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=1e-7)
+            for name in g1:
+                torch.testing.assert_close(g1[name], g2[name], **tol, msg=name)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not compiled_available(), reason="the compiled scan did not build here")
+def test_fused_core_gradcheck_float64():
+    from cxpmrg_lib.models.mixer_merged import merged_mixer_core
+
+    torch.manual_seed(1)
+    g, b, length, d, n, r, k = 4, 2, 9, 5, 3, 2, 4
+    mixer = MambaMixer(d, d_state=n, directions=("", "_b", "_col", "_col_b"), grid=3)
+    orders = mixer.scan_orders(length)
+    args = [torch.randn(b, length, 2 * d), 0.5 * torch.randn(g, d, k), 0.1 * torch.randn(g, d),
+            0.5 * torch.randn(g, r + 2 * n, d), 0.5 * torch.randn(g, d, r), -torch.rand(g, d, n) - 0.5,
+            torch.randn(g, d), 0.1 * torch.randn(g, d)]
+    args = [a.double().requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(lambda *a: merged_mixer_core(*a, orders, n), args)

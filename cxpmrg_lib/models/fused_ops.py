@@ -49,14 +49,16 @@ class _RMSNormFn(torch.autograd.Function):
 
 class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h):
-        ctx.save_for_backward(h)
-        return _ops().swiglu_fwd(h)
+    def forward(ctx, h, bias):
+        ctx.save_for_backward(h, bias)
+        return _ops().swiglu_fwd(h, bias)
 
     @staticmethod
     def backward(ctx, dout):
-        (h,) = ctx.saved_tensors
-        return _ops().swiglu_bwd(dout, h)
+        h, bias = ctx.saved_tensors
+        dh = _ops().swiglu_bwd(dout, h, bias)
+        dbias = dh.view(-1, dh.shape[-1]).sum(0) if bias is not None and ctx.needs_input_grad[1] else None
+        return dh, dbias
 
 
 class RMSNorm(nn.RMSNorm):
@@ -71,11 +73,19 @@ class RMSNorm(nn.RMSNorm):
         return super().forward(x)
 
 
-def swiglu(h: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * value of h (..., 2H) whose last dim holds the gate, then the value -> (..., H)."""
+def swiglu(h: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * value of h (..., 2H) whose last dim holds the gate, then the value -> (..., H).
+
+    With `bias` (2H,), of h + bias: the bias of the linear layer that made h, added here instead of
+    in a pass of its own (`SwiGLU`).
+    """
     if h.shape[-1] % 2:
         raise ValueError(f"the gate and value halves need an even last dim, got {h.shape[-1]}")
-    if fused_applies(h):
-        return _SwiGLUFn.apply(h.contiguous())
+    if bias is not None and tuple(bias.shape) != (h.shape[-1],):
+        raise ValueError(f"the bias must be ({h.shape[-1]},) like h's last dim; got {tuple(bias.shape)}")
+    if fused_applies(h) and (bias is None or bias.dtype == h.dtype):
+        return _SwiGLUFn.apply(h.contiguous(), None if bias is None else bias.contiguous())
+    if bias is not None:
+        h = h + bias
     gate, value = h.chunk(2, dim=-1)
     return F.silu(gate) * value

@@ -29,7 +29,7 @@ class _ConvSiluFn(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight, bias, orders = ctx.saved_tensors
         with torch.autocast(dout.device.type, enabled=False):
-            dx, dw, db = _ops().conv_bwd(dout, x, weight, bias, orders, True)
+            dx, dw, db = _ops().conv_bwd(dout, x, weight, bias, orders, True, None)
         need = ctx.needs_input_grad
         return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None
 

@@ -326,11 +326,9 @@ class _CompiledScanFn(torch.autograd.Function):
         dlast = dlast if dlast is not None and dlast.numel() else None
         with torch.autocast(dout.device.type, enabled=False):
             grads = _kernel().scan_bwd(dout.to(u.dtype), dlast, u, delta, A, B, C, D, z, delta_bias, order, ckpt,
-                                       ctx.softplus, ctx.groups)
+                                       ctx.softplus, ctx.groups, None)
         need = ctx.needs_input_grad
         out = [g if need[i] and g.numel() else None for i, g in enumerate(grads)]
-        if ctx.groups > 1 and out[6] is not None:   # dz per sequence: z is shared by the groups
-            out[6] = out[6].unflatten(0, (ctx.groups, -1)).sum(0)
         return (*out, None, None, None, None, None)
 
 

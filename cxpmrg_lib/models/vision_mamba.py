@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxpmrg_lib.models import mixer_conv
-from cxpmrg_lib.models.fused_ops import RMSNorm, compiled_cpu, swiglu
+from cxpmrg_lib.models.fused_ops import RMSNorm, compiled_cpu, fused_applies, swiglu
+from cxpmrg_lib.models.mixer_merged import merged_mixer_core
 from cxpmrg_lib.models.ssm import selective_scan, selective_scan_compiled
 
 __all__ = ["EncoderConfig", "VisionMamba", "MambaMixer", "EncoderOutput", "expand_to_four_way",
@@ -183,7 +184,11 @@ class MambaMixer(nn.Module):
         single direction takes that path too (the compiled conv and the channels-last layout). On CUDA
         each direction calls mamba-ssm's kernel (`_scan`), which takes one parameter set per call.
         """
-        xz = self.in_proj(hidden).transpose(1, 2)                           # (B, 2d, L)
+        xz_rows = self.in_proj(hidden)                                      # (B, L, 2d)
+        if (self.merge_directions and self.fold_directions and self.fused_core and xz_rows.dtype == hidden.dtype
+                and fused_applies(hidden)):
+            return self.out_proj(self._core_merged(xz_rows).transpose(1, 2))
+        xz = xz_rows.transpose(1, 2)                                        # (B, 2d, L)
         x, z = xz.chunk(2, dim=1)
         if self.merge_directions and not hidden.is_cuda and (len(self.directions) > 1 or compiled_cpu(hidden)):
             y = self._scan_merged(x, z)                      # the directions' mean, (B, d, L), in token order
@@ -200,6 +205,9 @@ class MambaMixer(nn.Module):
     # class default; False repeats z for every direction and averages the stacked outputs in torch (the
     # compiled kernel's grouped scan does both in place; tests compare the two, which agree bit for bit)
     fold_directions = True
+    # class default; False composes the compiled path from the conv and scan ops under autograd instead of
+    # the one node of `mixer_merged` (the same arithmetic, without the backward's concatenations and copies)
+    fused_core = True
 
     def scan_orders(self, length: int, device=None) -> torch.Tensor:
         """(directions, length) int64: step t of direction g's scan reads token orders[g, t] (row-major
@@ -216,6 +224,24 @@ class MambaMixer(nn.Module):
                 idx = idx.flip(0)
             rows.append(idx)
         return torch.stack(rows)
+
+    def _core_merged(self, xz: torch.Tensor) -> torch.Tensor:
+        """`_scan_merged` with the compiled kernels as one autograd node (`mixer_merged`); xz (B, L, 2d)."""
+        dirs = self.directions
+        mods = [(getattr(self, "conv1d" + s), getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s)) for s in dirs]
+
+        def stack(ts: list[torch.Tensor]) -> torch.Tensor:                            # one direction: a view
+            return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+        dtype = xz.dtype
+        return merged_mixer_core(
+            xz, stack([c.weight[:, 0, :] for c, _, _ in mods]).to(dtype), stack([c.bias for c, _, _ in mods]).to(dtype),
+            stack([xp.weight for _, xp, _ in mods]).to(dtype), stack([dp.weight for _, _, dp in mods]).to(dtype),
+            -torch.exp(stack([getattr(self, "A_log" + s) for s in dirs]).float()).to(dtype),
+            # A, D and the dt bias pass through float32 as in the other paths (and mamba-ssm's kernel)
+            stack([getattr(self, "D" + s) for s in dirs]).float().to(dtype),
+            stack([dp.bias for _, _, dp in mods]).float().to(dtype),
+            self.scan_orders(xz.shape[1], xz.device), self.d_state)
 
     def _scan_merged(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Every direction's `_scan` at once: directions stacked as channels for the depthwise conv
@@ -292,7 +318,11 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(swiglu(self.fc1(x)))          # silu(gate) * value, the halves of fc1's output
+        # silu(gate) * value, the halves of fc1's output; with the compiled gate fc1's bias is added by the
+        # gate (the same sums: the matmul's bias is added after its dot products), not in a pass of its own
+        if self.fc1.bias is not None and self.fc1.bias.dtype == x.dtype and fused_applies(x):
+            return self.fc2(swiglu(F.linear(x, self.fc1.weight), self.fc1.bias))
+        return self.fc2(swiglu(self.fc1(x)))
 
 
 class MambaBlock(nn.Module):

@@ -2,7 +2,8 @@
 // backward (see cxpmrg_lib/models/fused_ops.py):
 //
 //   rmsnorm: y = x / sqrt(mean(x^2) + eps) * weight over the last dim of a (rows, C) tensor;
-//   swiglu:  out = silu(h[:, :H]) * h[:, H:] of a (rows, 2H) tensor (the MLP's gate and value).
+//   swiglu:  out = silu(h[:, :H]) * h[:, H:] of a (rows, 2H) tensor (the MLP's gate and value),
+//            optionally with a bias (2H,) added to h first.
 //
 // On a CPU torch composes RMSNorm from pow, mean, add, rsqrt and two muls (and their backwards), and
 // the gate from chunk, silu and mul (whose backward concatenates the two halves' gradients): each a
@@ -156,75 +157,102 @@ std::vector<at::Tensor> rmsnorm_bwd(const at::Tensor& dy_, const at::Tensor& x, 
 }
 
 // ---------------------------------------------------------------- SwiGLU gate
+// With a bias (2H,) (the MLP's first linear layer without its own bias add: one pass over its output
+// fewer), the gate and value are h + bias; the caller sums dh over the rows for the bias' gradient.
 template <typename T>
-void swiglu_forward_impl(const T* h, T* out, int64_t rows, int64_t H) {
+struct GateRow {  // one row's gate and value halves, with the bias added where there is one
+  const T *g, *v, *bg, *bv;
+  GateRow(const T* h, const T* bias, int64_t r, int64_t H)
+      : g(h + r * 2 * H), v(h + r * 2 * H + H), bg(bias), bv(bias ? bias + H : nullptr) {}
+  template <typename V> V gate(int64_t j) const { return bg ? load<V>(g + j) + load<V>(bg + j) : load<V>(g + j); }
+  template <typename V> V value(int64_t j) const { return bv ? load<V>(v + j) + load<V>(bv + j) : load<V>(v + j); }
+  T gate1(int64_t j) const { return bg ? g[j] + bg[j] : g[j]; }
+  T value1(int64_t j) const { return bv ? v[j] + bv[j] : v[j]; }
+};
+
+template <typename T>
+void swiglu_forward_impl(const T* h, const T* bias, T* out, int64_t rows, int64_t H) {
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
   const int64_t hv = H / W * W;
   at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* g = h + r * 2 * H;
-      const T* v = g + H;
+      const GateRow<T> row(h, bias, r, H);
       T* o = out + r * H;
       for (int64_t j = 0; j < hv; j += W) {
-        const V gv = load<V>(g + j);
-        store(o + j, gv * sigmoid_v(gv) * load<V>(v + j));
+        const V gv = row.template gate<V>(j);
+        store(o + j, gv * sigmoid_v(gv) * row.template value<V>(j));
       }
-      for (int64_t j = hv; j < H; ++j) o[j] = g[j] / (T(1) + std::exp(-g[j])) * v[j];
+      for (int64_t j = hv; j < H; ++j) {
+        const T gj = row.gate1(j);
+        o[j] = gj / (T(1) + std::exp(-gj)) * row.value1(j);
+      }
     }
   });
 }
 
 // d gate = dout * value * sig * (1 + gate * (1 - sig)); d value = dout * silu(gate)
 template <typename T>
-void swiglu_backward_impl(const T* dout, const T* h, T* dh, int64_t rows, int64_t H) {
+void swiglu_backward_impl(const T* dout, const T* h, const T* bias, T* dh, int64_t rows, int64_t H) {
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
   const int64_t hv = H / W * W;
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* g = h + r * 2 * H;
-      const T* v = g + H;
+      const GateRow<T> row(h, bias, r, H);
       const T* d = dout + r * H;
       T* dg = dh + r * 2 * H;
       T* dv = dg + H;
       for (int64_t j = 0; j < hv; j += W) {
-        const V gv = load<V>(g + j), sg = sigmoid_v(gv), dd = load<V>(d + j);
-        store(dg + j, dd * load<V>(v + j) * sg * (1 + gv * (1 - sg)));
+        const V gv = row.template gate<V>(j), sg = sigmoid_v(gv), dd = load<V>(d + j);
+        store(dg + j, dd * row.template value<V>(j) * sg * (1 + gv * (1 - sg)));
         store(dv + j, dd * gv * sg);
       }
       for (int64_t j = hv; j < H; ++j) {
-        const T sg = T(1) / (T(1) + std::exp(-g[j]));
-        dg[j] = d[j] * v[j] * sg * (T(1) + g[j] * (T(1) - sg));
-        dv[j] = d[j] * g[j] * sg;
+        const T gj = row.gate1(j), sg = T(1) / (T(1) + std::exp(-gj));
+        dg[j] = d[j] * row.value1(j) * sg * (T(1) + gj * (T(1) - sg));
+        dv[j] = d[j] * gj * sg;
       }
     }
   });
 }
 
-at::Tensor swiglu_fwd(const at::Tensor& h) {
+// the bias (2H,) of h (rows, 2H), or none
+const at::Tensor* gate_bias(const at::Tensor& h, const std::optional<at::Tensor>& bias) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == h.size(-1) && bias->is_contiguous() &&
+                  bias->scalar_type() == h.scalar_type() && bias->device().is_cpu(),
+              "cxpmrg_scan.swiglu: bias must be a contiguous CPU (2H,) tensor of h's dtype");
+  return &*bias;
+}
+
+at::Tensor swiglu_fwd(const at::Tensor& h, const std::optional<at::Tensor>& bias_) {
   check_rows(h, "swiglu");
   TORCH_CHECK(h.size(-1) % 2 == 0, "cxpmrg_scan.swiglu: the last dim holds gate and value, an even size");
+  const at::Tensor* bias = gate_bias(h, bias_);
   const int64_t H = h.size(-1) / 2;
   std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end());
   shape.back() = H;
   at::Tensor out = at::empty(shape, h.options());
   if (h.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "cxpmrg_swiglu_fwd", [&] {
-    swiglu_forward_impl<scalar_t>(h.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), h.numel() / (2 * H), H);
+    swiglu_forward_impl<scalar_t>(h.data_ptr<scalar_t>(), bias ? bias->data_ptr<scalar_t>() : nullptr,
+                                  out.data_ptr<scalar_t>(), h.numel() / (2 * H), H);
   });
   return out;
 }
 
-at::Tensor swiglu_bwd(const at::Tensor& dout_, const at::Tensor& h) {
+at::Tensor swiglu_bwd(const at::Tensor& dout_, const at::Tensor& h, const std::optional<at::Tensor>& bias_) {
   check_rows(h, "swiglu");
+  const at::Tensor* bias = gate_bias(h, bias_);
   const at::Tensor dout = dout_.to(h.scalar_type()).contiguous();
   const int64_t H = h.size(-1) / 2;
   TORCH_CHECK(dout.numel() * 2 == h.numel() && dout.size(-1) == H, "cxpmrg_scan.swiglu: dout (rows, H)");
   at::Tensor dh = at::empty_like(h);
   if (h.numel() == 0) return dh;
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "cxpmrg_swiglu_bwd", [&] {
-    swiglu_backward_impl<scalar_t>(dout.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),
+    swiglu_backward_impl<scalar_t>(dout.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+                                   bias ? bias->data_ptr<scalar_t>() : nullptr, dh.data_ptr<scalar_t>(),
                                    h.numel() / (2 * H), H);
   });
   return dh;

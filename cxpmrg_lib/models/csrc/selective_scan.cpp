@@ -135,8 +135,9 @@ template <typename T>
 struct Args {
   int64_t batch, dim, len, nstate, nblk;
   Seq3<T> u, delta, z;
-  const T* B;  // (batch, len, nstate) contiguous: the rows of one step
-  const T* C;
+  const T* B;  // (batch, len, nstate) with the states contiguous: the rows of one step, read through
+  const T* C;  // their batch and step strides (B and C may be slices of the x projection's output)
+  int64_t Bsb, Bsl, Csb, Csl;
   const T* A;  // (Ab, dim, nstate) contiguous
   const T* D;  // (Db, dim) or null
   const T* bias;
@@ -161,6 +162,7 @@ Args<T> make_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
   if (z.defined()) a.z = Seq3<T>(z, groups > 1 ? a.batch / groups : 0);
   a.B = Bt.data_ptr<T>();
   a.C = Ct.data_ptr<T>();
+  a.Bsb = Bt.stride(0), a.Bsl = Bt.stride(1), a.Csb = Ct.stride(0), a.Csl = Ct.stride(1);
   a.A = A.data_ptr<T>();
   a.A_seq = A.dim() == 3;
   a.D = D.defined() ? D.data_ptr<T>() : nullptr;
@@ -216,25 +218,42 @@ struct BlockGeom {
       for (int64_t l = l0; l < len; ++l) out[l][w] = rows[w][l * s.sl];
   }
 
-  // lane vectors per position back into the block's channels of a (batch, channels, length) tensor:
-  // one store a step when its channels are contiguous, W positions at a time by a register
-  // transpose when its rows are, else lane by lane
-  void store(const V* in, const Dst<T>& d, int64_t len) const {
+  // lane vectors per position back into the block's channels of a (batch, channels, length) tensor
+  // (of its row `row`, the block's own sequence by default; `add`: added to what is there): one store
+  // a step when its channels are contiguous, W positions at a time by a register transpose when its
+  // rows are, else lane by lane
+  void store(const V* in, const Dst<T>& d, int64_t len, bool add = false, int64_t row = -1) const {
     T* rows[W];
-    for (int w = 0; w < W; ++w) rows[w] = d.p + b * d.sb + (d0 + std::min(w, nw - 1)) * d.sc;
+    const int64_t bb = row < 0 ? b : row;
+    for (int w = 0; w < W; ++w) rows[w] = d.p + bb * d.sb + (d0 + std::min(w, nw - 1)) * d.sc;
     int64_t l0 = 0;
     if (d.sc == 1 && nw == W) {
-      for (; l0 < len; ++l0) std::memcpy(rows[0] + l0 * d.sl, &in[l0], sizeof(V));
+      for (; l0 < len; ++l0) {
+        V v = in[l0];
+        if (add) {
+          V o;
+          std::memcpy(&o, rows[0] + l0 * d.sl, sizeof(V));
+          v = o + v;
+        }
+        std::memcpy(rows[0] + l0 * d.sl, &v, sizeof(V));
+      }
     } else if (d.sl == 1) {
       for (; l0 + W <= len; l0 += W) {
         V r[W];
         for (int w = 0; w < W; ++w) r[w] = in[l0 + w];
         transpose(r);
-        for (int w = 0; w < nw; ++w) std::memcpy(rows[w] + l0, &r[w], sizeof(V));
+        for (int w = 0; w < nw; ++w) {
+          if (add) {
+            V o;
+            std::memcpy(&o, rows[w] + l0, sizeof(V));
+            r[w] = o + r[w];
+          }
+          std::memcpy(rows[w] + l0, &r[w], sizeof(V));
+        }
       }
     }
     for (int w = 0; w < nw; ++w)
-      for (int64_t l = l0; l < len; ++l) rows[w][l * d.sl] = in[l][w];
+      for (int64_t l = l0; l < len; ++l) rows[w][l * d.sl] = add ? rows[w][l * d.sl] + in[l][w] : in[l][w];
   }
 
 };
@@ -319,14 +338,14 @@ void forward_block(const Args<T>& a, int64_t bi, Work<T>& wk, const Dst<T>& out,
   V h[NS ? NS : MAX_STATE];
   for (int n = 0; n < N; ++n) h[n] = V{};
   V* ck = ckpt ? reinterpret_cast<V*>(ckpt) + bi * nchunks * N : nullptr;
-  const T* Bb = a.B + blk.b * a.len * N;
-  const T* Cb = a.C + blk.b * a.len * N;
+  const T* Bb = a.B + blk.b * a.Bsb;
+  const T* Cb = a.C + blk.b * a.Csb;
   for (int64_t t = 0; t < a.len; ++t) {
     if (ck && t % CHUNK == 0)
       for (int n = 0; n < N; ++n) ck[(t / CHUNK) * N + n] = h[n];
     const int64_t p = blk.pos(a, t);
     const V dt = wk.dt[p], uu = wk.u[p];
-    wk.y[p] = step_states<T, NS, false>(blk, N, Bb + p * N, Cb + p * N, dt, dt * uu, h, nullptr) + blk.D * uu;
+    wk.y[p] = step_states<T, NS, false>(blk, N, Bb + p * a.Bsl, Cb + p * a.Csl, dt, dt * uu, h, nullptr) + blk.D * uu;
   }
   if (last) {
     T* l = last + (blk.b * a.dim + blk.d0) * N;
@@ -376,8 +395,8 @@ void backward_block(const Args<T>& a, int64_t bi, Work<T>& wk, const Seq3<T>& do
       for (int n = 0; n < N; ++n) adj[n][w] = l[w * N + n];
   }
   V dD_acc = V{}, dbias_acc = V{};
-  const T* Bb = a.B + blk.b * a.len * N;
-  const T* Cb = a.C + blk.b * a.len * N;
+  const T* Bb = a.B + blk.b * a.Bsb;
+  const T* Cb = a.C + blk.b * a.Csb;
   T* dBp = g.dB + (g.per_batch ? blk.b : bi) * a.len * N;
   T* dCp = g.dC + (g.per_batch ? blk.b : bi) * a.len * N;
   const bool add = g.per_batch && blk.d0 > 0;  // a later block of the sequence: add to the earlier ones
@@ -392,7 +411,7 @@ void backward_block(const Args<T>& a, int64_t bi, Work<T>& wk, const Seq3<T>& do
     for (int64_t j = 0; j < m; ++j) {
       const int64_t p = blk.pos(a, t0 + j);
       const V dt = wk.dt[p], uu = wk.u[p];
-      wk.ych[j] = step_states<T, NS, true>(blk, N, Bb + p * N, Cb + p * N, dt, dt * uu, h, ebuf + j * N) +
+      wk.ych[j] = step_states<T, NS, true>(blk, N, Bb + p * a.Bsl, Cb + p * a.Csl, dt, dt * uu, h, ebuf + j * N) +
                   blk.D * uu;
       for (int n = 0; n < N; ++n) hbuf[(j + 1) * N + n] = h[n];
     }
@@ -411,8 +430,8 @@ void backward_block(const Args<T>& a, int64_t bi, Work<T>& wk, const Seq3<T>& do
       }
       dD_acc += dy * uu;
       V ddu[2] = {V{}, V{}}, ddt[2] = {V{}, V{}};
-      const T* Bp = Bb + p * N;
-      const T* Cp = Cb + p * N;
+      const T* Bp = Bb + p * a.Bsl;
+      const T* Cp = Cb + p * a.Csl;
       for (int n0 = 0; n0 < N; n0 += W) {
         const int cnt = std::min(W, N - n0);
         V PB[W], PC[W];
@@ -458,7 +477,14 @@ void backward_block(const Args<T>& a, int64_t bi, Work<T>& wk, const Seq3<T>& do
   }
   blk.store(wk.gu.data(), g.du, a.len);
   blk.store(wk.gx.data(), g.ddelta, a.len);
-  if (a.z.p) blk.store(wk.gz.data(), g.dz, a.len);
+  if (a.z.p) {
+    if (a.groups > 1) {  // dz of the shared z row: the groups' gradients summed in group order
+      const int64_t bo = a.batch / a.groups;
+      blk.store(wk.gz.data(), g.dz, a.len, blk.b >= bo, blk.b % bo);
+    } else {
+      blk.store(wk.gz.data(), g.dz, a.len);
+    }
+  }
   for (int w = 0; w < blk.nw; ++w) {
     const int64_t bd = blk.b * a.dim + blk.d0 + w;
     for (int n = 0; n < N; ++n) g.dA[bd * N + n] = dA_acc[n][w];
@@ -514,12 +540,15 @@ void backward_impl(const Args<T>& a, const at::Tensor& dout_t, const T* dlast, c
   const Seq3<T> dout(dout_t, a.groups > 1 ? a.batch / a.groups : 0);
   with_nstate<T>(a.nstate, [&](auto ns) {
     // threads over sequences when there are enough of them (no partial sums of dB, dC to
-    // allocate and add), else over blocks
+    // allocate and add), else over blocks. Grouped: over output sequences (or their blocks), a
+    // thread running the G groups of its unit in order, so that it sums their dz in that order.
     const int64_t step = g.per_batch ? a.nblk : 1;
-    at::parallel_for(0, a.batch * a.nblk / step, 1, [&](int64_t begin, int64_t end) {
+    const int64_t bo = a.batch / a.groups;
+    at::parallel_for(0, bo * a.nblk / step, 1, [&](int64_t begin, int64_t end) {
       Work<T> wk(a.len, a.nstate, true);
-      for (int64_t bi = begin * step; bi < end * step; ++bi)
-        backward_block<T, decltype(ns)::value>(a, bi, wk, dout, dlast, ckpt, nchunks, g);
+      for (int64_t k = begin * step; k < end * step; ++k)
+        for (int64_t grp = 0; grp < a.groups; ++grp)
+          backward_block<T, decltype(ns)::value>(a, grp * bo * a.nblk + k, wk, dout, dlast, ckpt, nchunks, g);
     });
   });
 }
@@ -544,6 +573,13 @@ void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
 
 at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
+// B or C (batch, nstate, len) as (batch, len, nstate) rows with the states contiguous: a view when
+// they already are (the x projection's output split into dt, B, C), else a copy
+at::Tensor state_rows(const at::Tensor& t) {
+  at::Tensor r = t.transpose(1, 2);
+  return r.stride(2) == 1 || r.size(2) == 1 ? r : r.contiguous();
+}
+
 // groups > 1: u's batch is G groups of batch / G sequences, sequence g * (batch / G) + b reading z[b]
 void check_groups(const at::Tensor& u, const at::Tensor& z, int64_t groups) {
   TORCH_CHECK(groups >= 1 && u.size(0) % groups == 0, "cxpmrg_scan: groups must divide the batch");
@@ -563,12 +599,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(
   const at::Tensor D = opt(D_), z = opt(z_), bias = opt(bias_), order = opt(order_);
   check_inputs(u, delta, A, B, C, D, z, bias, order);
   check_groups(u, z, groups);
-  // u's layout (a channels-last u gives a channels-last output); grouped: the mean, (batch / G, dim, len)
-  at::Tensor out = groups > 1 ? at::empty({u.size(0) / groups, u.size(1), u.size(2)}, u.options()) : at::empty_like(u);
+  // u's layout (a channels-last u gives a channels-last output); grouped: the mean, (batch / G, dim, len),
+  // channels innermost when u's are (then out.transpose(1, 2), the out projection's input, is contiguous)
+  at::Tensor out = groups == 1 ? at::empty_like(u)
+                   : u.stride(1) == 1 ? at::empty({u.size(0) / groups, u.size(2), u.size(1)}, u.options()).transpose(1, 2)
+                                      : at::empty({u.size(0) / groups, u.size(1), u.size(2)}, u.options());
   at::Tensor last = want_last ? at::empty({u.size(0), u.size(1), A.size(-1)}, u.options()) : at::empty({0}, u.options());
   const int64_t nchunks = (u.size(2) + CHUNK - 1) / CHUNK;
   at::Tensor ckpt = at::empty({0}, u.options());
-  const at::Tensor Bt = B.transpose(1, 2).contiguous(), Ct = C.transpose(1, 2).contiguous();
+  const at::Tensor Bt = state_rows(B), Ct = state_rows(C);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cxpmrg_scan_fwd", [&] {
     const Args<scalar_t> a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, bias, order, softplus, groups);
     if (keep) ckpt = at::empty({a.batch * a.nblk, nchunks, a.nstate, Lanes<scalar_t>::W}, u.options());
@@ -587,7 +626,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const std::optional<at:
                                  const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D_,
                                  const std::optional<at::Tensor>& z_, const std::optional<at::Tensor>& bias_,
                                  const std::optional<at::Tensor>& order_, const at::Tensor& ckpt, bool softplus,
-                                 int64_t groups) {
+                                 int64_t groups, const std::optional<at::Tensor>& dz_out) {
   const at::Tensor D = opt(D_), z = opt(z_), bias = opt(bias_), order = opt(order_);
   check_inputs(u, delta, A, B, C, D, z, bias, order);
   check_groups(u, z, groups);
@@ -599,19 +638,24 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const std::optional<at:
   const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2), N = A.size(-1);
   const int64_t nchunks = (len + CHUNK - 1) / CHUNK;
   at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta);  // the layouts of the inputs
-  // grouped: dz per sequence (u's layout), summed over the groups by the caller
-  at::Tensor dz = !z.defined() ? at::empty({0}, u.options()) : groups > 1 ? at::empty_like(u) : at::empty_like(z);
+  // z's layout, or written into dz_out (z's shape, any strides); grouped: the groups' dz summed (z is
+  // shared by them)
+  at::Tensor dz = !z.defined() ? at::empty({0}, u.options()) : dz_out.has_value() ? *dz_out : at::empty_like(z);
+  if (z.defined() && dz_out.has_value())
+    TORCH_CHECK(dz.sizes() == z.sizes() && dz.scalar_type() == u.scalar_type() && dz.device().is_cpu(),
+                "cxpmrg_scan: dz_out must be a CPU tensor of z's shape and dtype");
   at::Tensor dA = at::empty({batch, dim, N}, u.options());
   at::Tensor dD = at::empty({batch, dim}, u.options()), dbias = at::empty({batch, dim}, u.options());
   at::Tensor dBp, dCp;
   bool per_batch = false;
-  const at::Tensor Bt = B.transpose(1, 2).contiguous(), Ct = C.transpose(1, 2).contiguous();
+  const at::Tensor Bt = state_rows(B), Ct = state_rows(C);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cxpmrg_scan_bwd", [&] {
     const Args<scalar_t> a = make_args<scalar_t>(u, delta, A, Bt, Ct, D, z, bias, order, softplus, groups);
     TORCH_CHECK(ckpt.numel() == a.batch * a.nblk * nchunks * N * Lanes<scalar_t>::W,
                 "cxpmrg_scan: checkpoints do not match the inputs");
     const int64_t threads = at::get_num_threads();
-    per_batch = a.nblk == 1 || (batch >= threads && (batch % threads == 0 || batch >= 4 * threads));
+    const int64_t units = batch / groups;  // the sequences the threads share out
+    per_batch = a.nblk == 1 || (units >= threads && (units % threads == 0 || units >= 4 * threads));
     dBp = at::empty({batch, per_batch ? 1 : a.nblk, len, N}, u.options());
     dCp = at::empty({batch, per_batch ? 1 : a.nblk, len, N}, u.options());
     if (u.numel() == 0) {
@@ -688,41 +732,59 @@ struct ConvBlock : BlockGeom<T> {
       for (int w = 0; w < W; ++w) wv[j][w] = a.w[(g * a.dim + chan[w]) * a.K + j];
     for (int w = 0; w < W; ++w) bv[w] = a.bias[g * a.dim + chan[w]];
   }
-  // pre[t] = bias + sum_j w[j] x[order[g, t-K+1+j]] for every step t of direction g
-  void pre(const ConvArgs<T>& a, int64_t g, const V* xb, const V* wv, V bv, V* out) const {
-    const int64_t* ord = a.order + g * a.len;
-    for (int64_t t = 0; t < a.len; ++t) {
-      V acc = bv;
-      for (int64_t j = std::max<int64_t>(0, a.K - 1 - t); j < a.K; ++j) acc += wv[j] * xb[ord[t - a.K + 1 + j]];
-      out[t] = acc;
+  // the pre-activation of direction g at step t: bias + sum_j w[j] x[order[g, t-K+1+j]], the taps
+  // added in order j = 0, 1, ... (those before the first step are zero); KS > 0: K = KS, unrolled
+  template <int KS>
+  V pre_at(const ConvArgs<T>& a, const int64_t* ord, const V* xb, const V* wv, V bv, int64_t t) const {
+    const int64_t K = KS ? KS : a.K;
+    V acc = bv;
+    if (t >= K - 1) {
+      const int64_t* o = ord + t - K + 1;
+#pragma GCC unroll 8
+      for (int64_t j = 0; j < K; ++j) acc += wv[j] * xb[o[j]];
+    } else {
+      for (int64_t j = K - 1 - t; j < K; ++j) acc += wv[j] * xb[ord[t - K + 1 + j]];
     }
+    return acc;
   }
 };
+
+// the tap count as a template argument for the common 4 (Mamba's d_conv), else at run time
+template <typename F>
+void with_taps(int64_t k, F&& f) {
+  if (k == 4)
+    f(std::integral_constant<int, 4>());
+  else
+    f(std::integral_constant<int, 0>());
+}
 
 template <typename T>
 void conv_forward_impl(const ConvArgs<T>& a, T* out, bool silu) {
   using V = typename Lanes<T>::V;
-  at::parallel_for(0, a.batch * a.nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<V> xb(a.len), pre(a.len), wv(a.K);
-    for (int64_t bi = begin; bi < end; ++bi) {
-      const ConvBlock<T> blk(a, bi);
-      blk.load(a.x, a.len, xb.data());
-      for (int64_t g = 0; g < a.G; ++g) {
-        V bv;
-        blk.taps(a, g, wv.data(), bv);
-        blk.pre(a, g, xb.data(), wv.data(), bv, pre.data());
-        const int64_t* ord = a.order + g * a.len;
-        T* o = out + (g * a.batch + blk.b) * a.len * a.dim + blk.d0;
-        for (int64_t t = 0; t < a.len; ++t) {
-          const V v = silu ? pre[t] * sigmoid_v(pre[t]) : pre[t];
-          T* row = o + ord[t] * a.dim;
-          if (blk.nw == Lanes<T>::W)
-            std::memcpy(row, &v, sizeof(V));
-          else
-            for (int w = 0; w < blk.nw; ++w) row[w] = v[w];
+  with_taps(a.K, [&](auto ks) {
+    constexpr int KS = decltype(ks)::value;
+    at::parallel_for(0, a.batch * a.nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<V> xb(a.len), wv(a.K);
+      for (int64_t bi = begin; bi < end; ++bi) {
+        const ConvBlock<T> blk(a, bi);
+        blk.load(a.x, a.len, xb.data());
+        for (int64_t g = 0; g < a.G; ++g) {
+          V bv;
+          blk.taps(a, g, wv.data(), bv);
+          const int64_t* ord = a.order + g * a.len;
+          T* o = out + (g * a.batch + blk.b) * a.len * a.dim + blk.d0;
+          for (int64_t t = 0; t < a.len; ++t) {
+            const V pre = blk.template pre_at<KS>(a, ord, xb.data(), wv.data(), bv, t);
+            const V v = silu ? pre * sigmoid_v(pre) : pre;
+            T* row = o + ord[t] * a.dim;
+            if (blk.nw == Lanes<T>::W)
+              std::memcpy(row, &v, sizeof(V));
+            else
+              for (int w = 0; w < blk.nw; ++w) row[w] = v[w];
+          }
         }
       }
-    }
+    });
   });
 }
 
@@ -730,43 +792,57 @@ void conv_forward_impl(const ConvArgs<T>& a, T* out, bool silu) {
 template <typename T>
 void conv_backward_impl(const ConvArgs<T>& a, const T* dout, Dst<T> dx, T* dw, T* dbias, bool silu) {
   using V = typename Lanes<T>::V;
-  at::parallel_for(0, a.batch * a.nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<V> xb(a.len), dp(a.len), gx(a.len), wv(a.K), gw(a.K);
-    for (int64_t bi = begin; bi < end; ++bi) {
-      const ConvBlock<T> blk(a, bi);
-      blk.load(a.x, a.len, xb.data());
-      std::fill(gx.begin(), gx.end(), V{});
-      for (int64_t g = 0; g < a.G; ++g) {
-        V bv;
-        blk.taps(a, g, wv.data(), bv);
-        blk.pre(a, g, xb.data(), wv.data(), bv, dp.data());
-        const int64_t* ord = a.order + g * a.len;
-        const T* d = dout + (g * a.batch + blk.b) * a.len * a.dim;
-        V gb = V{};
-        std::fill(gw.begin(), gw.end(), V{});
-        for (int64_t t = 0; t < a.len; ++t) {
-          const V up = blk.lanes(d + ord[t] * a.dim, 1);
-          V grad = up;
-          if (silu) {
-            const V sg = sigmoid_v(dp[t]);
-            grad = up * sg * (1 + dp[t] * (1 - sg));
+  with_taps(a.K, [&](auto ks) {
+    constexpr int KS = decltype(ks)::value;
+    at::parallel_for(0, a.batch * a.nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<V> xb(a.len), gx(a.len), wv(a.K), gw(a.K);
+      for (int64_t bi = begin; bi < end; ++bi) {
+        const ConvBlock<T> blk(a, bi);
+        blk.load(a.x, a.len, xb.data());
+        std::fill(gx.begin(), gx.end(), V{});
+        for (int64_t g = 0; g < a.G; ++g) {
+          V bv;
+          blk.taps(a, g, wv.data(), bv);
+          const int64_t* ord = a.order + g * a.len;
+          const T* d = dout + (g * a.batch + blk.b) * a.len * a.dim;
+          V gb = V{};
+          std::fill(gw.begin(), gw.end(), V{});
+          const int64_t K = KS ? KS : a.K;
+          for (int64_t t = 0; t < a.len; ++t) {
+            const V up = blk.lanes(d + ord[t] * a.dim, 1);
+            V grad = up;
+            if (silu) {
+              const V pre = blk.template pre_at<KS>(a, ord, xb.data(), wv.data(), bv, t);
+              const V sg = sigmoid_v(pre);
+              grad = up * sg * (1 + pre * (1 - sg));
+            }
+            gb += grad;
+            if (t >= K - 1) {
+              const int64_t* o = ord + t - K + 1;
+#pragma GCC unroll 8
+              for (int64_t j = 0; j < K; ++j) {
+                const int64_t q = o[j];
+                gx[q] += wv[j] * grad;
+                gw[j] += grad * xb[q];
+              }
+            } else {
+              for (int64_t j = K - 1 - t; j < K; ++j) {
+                const int64_t q = ord[t - K + 1 + j];
+                gx[q] += wv[j] * grad;
+                gw[j] += grad * xb[q];
+              }
+            }
           }
-          gb += grad;
-          for (int64_t j = std::max<int64_t>(0, a.K - 1 - t); j < a.K; ++j) {
-            const int64_t q = ord[t - a.K + 1 + j];
-            gx[q] += wv[j] * grad;
-            gw[j] += grad * xb[q];
+          T* dwr = dw + ((blk.b * a.G + g) * a.dim) * a.K;
+          T* dbr = dbias + (blk.b * a.G + g) * a.dim;
+          for (int w = 0; w < blk.nw; ++w) {
+            for (int64_t j = 0; j < a.K; ++j) dwr[(blk.d0 + w) * a.K + j] = gw[j][w];
+            dbr[blk.d0 + w] = gb[w];
           }
         }
-        T* dwr = dw + ((blk.b * a.G + g) * a.dim) * a.K;
-        T* dbr = dbias + (blk.b * a.G + g) * a.dim;
-        for (int w = 0; w < blk.nw; ++w) {
-          for (int64_t j = 0; j < a.K; ++j) dwr[(blk.d0 + w) * a.K + j] = gw[j][w];
-          dbr[blk.d0 + w] = gb[w];
-        }
+        blk.store(gx.data(), dx, a.len);  // dx in x's layout
       }
-      blk.store(gx.data(), dx, a.len);  // dx in x's layout
-    }
+    });
   });
 }
 
@@ -798,13 +874,16 @@ at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
 
 // dx (x's layout), dweight (G, dim, K), dbias (G, dim)
 std::vector<at::Tensor> conv_bwd(const at::Tensor& dout_, const at::Tensor& x, const at::Tensor& w,
-                                 const at::Tensor& bias, const at::Tensor& order, bool silu) {
+                                 const at::Tensor& bias, const at::Tensor& order, bool silu,
+                                 const std::optional<at::Tensor>& dx_out) {
   check_conv(x, w, bias, order);
   const at::Tensor dout = dout_.to(x.scalar_type()).contiguous();
   TORCH_CHECK(dout.dim() == 4 && dout.size(0) == w.size(0) && dout.size(1) == x.size(0) &&
                   dout.size(2) == x.size(2) && dout.size(3) == x.size(1),
               "cxpmrg_scan.conv: dout (G, batch, len, dim)");
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = dx_out.has_value() ? *dx_out : at::empty_like(x);  // dx_out: x's shape, any strides
+  TORCH_CHECK(dx.sizes() == x.sizes() && dx.scalar_type() == x.scalar_type() && dx.device().is_cpu(),
+              "cxpmrg_scan.conv: dx_out must be a CPU tensor of x's shape and dtype");
   at::Tensor dw = at::zeros({x.size(0), w.size(0), w.size(1), w.size(2)}, x.options());
   at::Tensor db = at::zeros({x.size(0), w.size(0), w.size(1)}, x.options());
   if (x.numel() == 0) return {dx.zero_(), dw.sum(0), db.sum(0)};
