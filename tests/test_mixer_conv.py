@@ -58,3 +58,28 @@ def test_shape_errors_name_the_arguments():
     x, w, b, orders = _inputs(2, 8, 6, torch.float32, channels_last=False)
     with pytest.raises(ValueError, match="orders"):
         mixer_conv.causal_conv_silu(x, w, b, orders[:, :5])
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 16), (2, 32, 64), (2, 17, 3)])
+def test_channels_last_rows_path_equals_the_block_path_bit_for_bit(shape):
+    """x with contiguous channels takes the whole-row loops (all channels of a token per step); any other layout
+    the channel-block loops. Same arithmetic in the same order: the same bits, forward and backward, at 1 and 2
+    threads (float32 and float64)."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for dtype in (torch.float32, torch.float64):
+                x, w, b, orders = _inputs(*shape, dtype, channels_last=True)
+                results = []
+                for xin in (x, x.detach().contiguous().requires_grad_()):
+                    assert (xin.stride(1) == 1) == (xin is x)
+                    out = mixer_conv.causal_conv_silu(xin, w, b, orders)
+                    grads = torch.autograd.grad((out * out.detach().cos()).sum(), (xin, w, b))
+                    results.append((out, grads))
+                (o1, g1), (o2, g2) = results
+                assert torch.equal(o1, o2)
+                for a, e in zip(g1, g2):
+                    assert torch.equal(a, e)
+    finally:
+        torch.set_num_threads(before)

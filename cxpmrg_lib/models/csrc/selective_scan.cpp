@@ -846,6 +846,159 @@ void conv_backward_impl(const ConvArgs<T>& a, const T* dout, Dst<T> dx, T* dw, T
   });
 }
 
+// The same two ops when x's channels are contiguous (x (batch, dim, len) a transposed (batch, len, ...)
+// buffer, as the mixer's in projection writes it): threads over (direction x batch row) forward and over
+// batch rows backward, every step handling all channels of its token, so that the output and dout
+// are written and read in whole rows (the channel-block loops of the general ops above touch one
+// 64-byte piece of a row per step, in scan order: for the column directions a row `grid` rows away
+// each time, which the hardware prefetchers do not follow). The arithmetic, and its order, is the
+// general ops', lane for lane (padding lanes of a last partial block repeat its last channel).
+template <typename T>
+struct ConvRows {
+  using V = typename Lanes<T>::V;
+  static constexpr int W = Lanes<T>::W;
+  const ConvArgs<T>& a;
+  int64_t nblk;
+  ConvRows(const ConvArgs<T>& args) : a(args), nblk(args.nblk) {}
+  int nw(int64_t cb) const { return static_cast<int>(std::min<int64_t>(W, a.dim - cb * W)); }
+  V lanes(const T* row, int64_t cb) const {  // channels cb*W ... of a row of `dim` contiguous values
+    V v;
+    const int n = nw(cb);
+    if (n == W) {
+      std::memcpy(&v, row + cb * W, sizeof(V));
+    } else {
+      for (int w = 0; w < W; ++w) v[w] = row[cb * W + std::min(w, n - 1)];
+    }
+    return v;
+  }
+  void taps(int64_t g, V* wv, V* bv) const {  // wv[cb * K + j], bv[cb] of direction g
+    for (int64_t cb = 0; cb < nblk; ++cb) {
+      const int n = nw(cb);
+      for (int w = 0; w < W; ++w) {
+        const int64_t c = cb * W + std::min(w, n - 1);
+        for (int64_t j = 0; j < a.K; ++j) wv[cb * a.K + j][w] = a.w[(g * a.dim + c) * a.K + j];
+        bv[cb][w] = a.bias[g * a.dim + c];
+      }
+    }
+  }
+  const T* xrow(int64_t b, int64_t p) const { return a.x.p + b * a.x.sb + p * a.x.sl; }
+  template <int KS>
+  V pre(int64_t b, const int64_t* ord, const V* wv, V bv, int64_t t, int64_t cb) const {
+    const int64_t K = KS ? KS : a.K;
+    V acc = bv;
+    if (t >= K - 1) {
+      const int64_t* o = ord + t - K + 1;
+#pragma GCC unroll 8
+      for (int64_t j = 0; j < K; ++j) acc += wv[cb * K + j] * lanes(xrow(b, o[j]), cb);
+    } else {
+      for (int64_t j = K - 1 - t; j < K; ++j) acc += wv[cb * K + j] * lanes(xrow(b, ord[t - K + 1 + j]), cb);
+    }
+    return acc;
+  }
+};
+
+template <typename T>
+void conv_forward_rows(const ConvArgs<T>& a, T* out, bool silu) {
+  using V = typename Lanes<T>::V;
+  constexpr int W = Lanes<T>::W;
+  with_taps(a.K, [&](auto ks) {
+    constexpr int KS = decltype(ks)::value;
+    at::parallel_for(0, a.G * a.batch, 1, [&](int64_t begin, int64_t end) {
+      const ConvRows<T> r(a);
+      std::vector<V> wv(a.nblk * a.K), bv(a.nblk);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t g = unit / a.batch, b = unit % a.batch;
+        r.taps(g, wv.data(), bv.data());
+        const int64_t* ord = a.order + g * a.len;
+        T* o = out + (g * a.batch + b) * a.len * a.dim;
+        for (int64_t t = 0; t < a.len; ++t) {
+          T* row = o + ord[t] * a.dim;
+          for (int64_t cb = 0; cb < a.nblk; ++cb) {
+            const V pre = r.template pre<KS>(b, ord, wv.data(), bv[cb], t, cb);
+            const V v = silu ? pre * sigmoid_v(pre) : pre;
+            const int n = r.nw(cb);
+            if (n == W)
+              std::memcpy(row + cb * W, &v, sizeof(V));
+            else
+              for (int w = 0; w < n; ++w) row[cb * W + w] = v[w];
+          }
+        }
+      }
+    });
+  });
+}
+
+template <typename T>
+void conv_backward_rows(const ConvArgs<T>& a, const T* dout, Dst<T> dx, T* dw, T* dbias, bool silu) {
+  using V = typename Lanes<T>::V;
+  constexpr int W = Lanes<T>::W;
+  with_taps(a.K, [&](auto ks) {
+    constexpr int KS = decltype(ks)::value;
+    const int64_t K = KS ? KS : a.K;
+    at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
+      const ConvRows<T> r(a);
+      const int64_t nb = a.nblk;
+      std::vector<V> wv(nb * a.K), bv(nb), gx(a.len * nb), gw(nb * a.K), gb(nb);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(gx.begin(), gx.end(), V{});
+        for (int64_t g = 0; g < a.G; ++g) {
+          r.taps(g, wv.data(), bv.data());
+          std::fill(gw.begin(), gw.end(), V{});
+          std::fill(gb.begin(), gb.end(), V{});
+          const int64_t* ord = a.order + g * a.len;
+          const T* d = dout + (g * a.batch + b) * a.len * a.dim;
+          for (int64_t t = 0; t < a.len; ++t) {
+            const T* drow = d + ord[t] * a.dim;
+            const int64_t j0 = std::max<int64_t>(0, K - 1 - t);
+            for (int64_t cb = 0; cb < nb; ++cb) {
+              const V up = r.lanes(drow, cb);
+              V grad = up;
+              if (silu) {
+                const V pre = r.template pre<KS>(b, ord, wv.data(), bv[cb], t, cb);
+                const V sg = sigmoid_v(pre);
+                grad = up * sg * (1 + pre * (1 - sg));
+              }
+              gb[cb] += grad;
+              if (j0 == 0) {
+                const int64_t* o = ord + t - K + 1;
+#pragma GCC unroll 8
+                for (int64_t j = 0; j < K; ++j) {
+                  gx[o[j] * nb + cb] += wv[cb * K + j] * grad;
+                  gw[cb * K + j] += grad * r.lanes(r.xrow(b, o[j]), cb);
+                }
+              } else {
+                for (int64_t j = j0; j < K; ++j) {
+                  const int64_t q = ord[t - K + 1 + j];
+                  gx[q * nb + cb] += wv[cb * K + j] * grad;
+                  gw[cb * K + j] += grad * r.lanes(r.xrow(b, q), cb);
+                }
+              }
+            }
+          }
+          T* dwr = dw + ((b * a.G + g) * a.dim) * a.K;
+          T* dbr = dbias + (b * a.G + g) * a.dim;
+          for (int64_t cb = 0; cb < nb; ++cb)
+            for (int w = 0; w < r.nw(cb); ++w) {
+              for (int64_t j = 0; j < a.K; ++j) dwr[(cb * W + w) * a.K + j] = gw[cb * K + j][w];
+              dbr[cb * W + w] = gb[cb][w];
+            }
+        }
+        for (int64_t p = 0; p < a.len; ++p) {  // dx in x's layout
+          T* row = dx.p + b * dx.sb + p * dx.sl;
+          for (int64_t cb = 0; cb < nb; ++cb) {
+            const int n = r.nw(cb);
+            if (dx.sc == 1 && n == W) {
+              std::memcpy(row + cb * W, &gx[p * nb + cb], sizeof(V));
+            } else {
+              for (int w = 0; w < n; ++w) row[(cb * W + w) * dx.sc] = gx[p * nb + cb][w];
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
 void check_conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& order) {
   for (const at::Tensor* t : {&x, &w, &bias}) {
     TORCH_CHECK(t->device().is_cpu(), "cxpmrg_scan.conv: CPU tensors only");
@@ -867,7 +1020,8 @@ at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   at::Tensor out = at::empty({w.size(0), x.size(0), x.size(2), x.size(1)}, x.options());
   if (x.numel() == 0 || w.size(0) == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cxpmrg_conv_fwd", [&] {
-    conv_forward_impl<scalar_t>(make_conv_args<scalar_t>(x, w, bias, order), out.data_ptr<scalar_t>(), silu);
+    const ConvArgs<scalar_t> a = make_conv_args<scalar_t>(x, w, bias, order);
+    (x.stride(1) == 1 ? conv_forward_rows<scalar_t> : conv_forward_impl<scalar_t>)(a, out.data_ptr<scalar_t>(), silu);
   });
   return out;
 }
@@ -888,8 +1042,9 @@ std::vector<at::Tensor> conv_bwd(const at::Tensor& dout_, const at::Tensor& x, c
   at::Tensor db = at::zeros({x.size(0), w.size(0), w.size(1)}, x.options());
   if (x.numel() == 0) return {dx.zero_(), dw.sum(0), db.sum(0)};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cxpmrg_conv_bwd", [&] {
-    conv_backward_impl<scalar_t>(make_conv_args<scalar_t>(x, w, bias, order), dout.data_ptr<scalar_t>(),
-                                 Dst<scalar_t>(dx), dw.data_ptr<scalar_t>(), db.data_ptr<scalar_t>(), silu);
+    const ConvArgs<scalar_t> a = make_conv_args<scalar_t>(x, w, bias, order);
+    (x.stride(1) == 1 ? conv_backward_rows<scalar_t> : conv_backward_impl<scalar_t>)(
+        a, dout.data_ptr<scalar_t>(), Dst<scalar_t>(dx), dw.data_ptr<scalar_t>(), db.data_ptr<scalar_t>(), silu);
   });
   return {dx, dw.sum(0), db.sum(0)};
 }
