@@ -29,9 +29,11 @@ path keeps: 0.11-0.17 of its peak memory); the backward recomputes a chunk's sta
 block-local buffer that stays in cache, runs the adjoint back through it, and sums the contractions
 over channels (dB, dC) with a shuffle tree, adding into one row per sequence when a thread runs all
 of a sequence's blocks. It reads u, delta, z, B, C through strides and `order` (no copies into scan
-order). With `groups` (the merged directions of a 4-way mixer) one thread runs a block's G directions in
-order, every one gated by the same z, and writes their mean; the backward reads the mean's gradient
-the same way (3-5% of the tiny 4-way encoder's training step, with the same bits as the stacked mean). Forward + backward at B8 D192 N16 L196 (`make bench`, medians of interleaved rounds; the
+order; B and C may be column slices of the x projection's output). With `groups` (the merged directions
+of a 4-way mixer) one thread runs a block's G directions in order, every one gated by the same z, and
+writes their mean (channels innermost when u's are); the backward reads the mean's gradient the same
+way and sums the groups' dz in group order (with the same bits as the stacked mean and torch's sum).
+`mixer_merged` calls the ops directly, with the mixer's conv and projections, as one autograd node. Forward + backward at B8 D192 N16 L196 (`make bench`, medians of interleaved rounds; the
 machine's noise is about +-15%; an AVX-512 Xeon, December 2026): 1 thread 6.2 ms against 35.1 ms
 for the pure path (5.7x), 343 ms for mambapy (55x) and 1.1 s for the sequential reference; 2 threads
 3.6 ms (6.2x the pure path, 43x mambapy); at L 784, 7.7x the pure path at 1 thread. Without AVX-512 the lanes are one AVX2 register,

@@ -6,7 +6,7 @@
 // so the loops over lanes vectorise and the N states give the CPU independent chains.
 // A block first transposes its channels' inputs into time-major lane vectors (block-local
 // buffers: one contiguous vector per step, no strided gathers in the recurrence), and B and C
-// are read as (batch, length, state) rows. The state count is a template parameter for the
+// are read as (batch, length, state) rows through their strides. The state count is a template parameter for the
 // common sizes (the states then live in registers; other sizes take the same code with a
 // run-time count). The forward keeps only the state entering every CHUNK steps; the backward
 // recomputes a chunk's states from its checkpoint into a block-local buffer (in cache) and runs
