@@ -270,3 +270,18 @@ def test_fused_core_gradcheck_float64():
             torch.randn(g, d), 0.1 * torch.randn(g, d)]
     args = [a.double().requires_grad_() for a in args]
     assert torch.autograd.gradcheck(lambda *a: merged_mixer_core(*a, orders, n), args)
+
+
+@pytest.mark.parametrize("scan", ["4-way", "1-way"])
+def test_the_scan_record_of_a_run_summary_names_the_path_that_ran(scan, monkeypatch):
+    """A stage run's summary says which scan its training used (`take_scan_impls`): the encoder's mixers record
+    the compiled kernel whichever way they call it (the one-node core included), and the pure-PyTorch path."""
+    from cxpmrg_lib.models.ssm import take_scan_impls
+
+    model = VisionMamba(EncoderConfig(image_size=32, patch_size=8, dim=32, depth=1, scan=scan))
+    images = torch.randn(2, 1, 32, 32)
+    for forced, want in (("auto", "compiled" if compiled_available() else "pytorch"), ("torch", "pytorch")):
+        monkeypatch.setenv(SCAN_ENV, forced)
+        take_scan_impls()
+        model(images).tokens.sum().backward()
+        assert take_scan_impls() == want

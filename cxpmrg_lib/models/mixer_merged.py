@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from cxpmrg_lib.models.ssm import record_scan_impl
 from cxpmrg_lib.models.ssm_build import load_kernel as _ops
 
 __all__ = ["merged_mixer_core"]
@@ -108,6 +109,7 @@ def merged_mixer_core(xz: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tens
     if _ops() is None:
         raise RuntimeError("the compiled mixer core is unavailable (the selective-scan extension did not build; "
                            "see the log)")
+    record_scan_impl("compiled")                      # the run summary's record of which scan ran
     return _MergedMixerFn.apply(xz.contiguous(), conv_w.contiguous(), conv_b.contiguous(), x_proj_w.contiguous(),
                                 dt_proj_w.contiguous(), a.contiguous(), skip.contiguous(), dt_bias.contiguous(),
                                 orders.to(torch.long).contiguous(), int(d_state))

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from cxpmrg_lib.models.ssm_ref import _check_shapes, selective_scan_reference
 
 __all__ = ["selective_scan", "selective_scan_reference", "selective_scan_fast", "selective_scan_compiled",
-           "compiled_available", "scan_impl_name", "take_scan_impls", "SCAN_ENV"]
+           "compiled_available", "scan_impl_name", "take_scan_impls", "record_scan_impl", "SCAN_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -366,6 +366,7 @@ def selective_scan_compiled(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
                 args[i] = args[i].contiguous()
         order = None if order is None else order.to(torch.long).expand(u.shape[0], -1).contiguous()
         keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+        record_scan_impl("compiled")
         out, last = _CompiledScanFn.apply(*args, order, bool(delta_softplus), keep, bool(return_last_state), groups)
     return (out.to(dtype), last.to(dtype)) if return_last_state else out.to(dtype)
 
@@ -411,6 +412,12 @@ def scan_impl_name(device: str | torch.device = "cpu") -> str:
                 return name
         return "fast"
     return "compiled" if device.type == "cpu" and compiled_available() else "fast"
+
+
+def record_scan_impl(name: str) -> None:
+    """Note that the scan ran on path `name` (for `take_scan_impls`): callers of the kernels themselves
+    (`selective_scan_compiled`, `mixer_merged`) say so, as `selective_scan`'s dispatch does."""
+    _ran.add(name)
 
 
 def take_scan_impls() -> str:

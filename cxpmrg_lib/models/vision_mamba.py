@@ -181,8 +181,10 @@ class MambaMixer(nn.Module):
 
         Several directions on a CPU run as one batched computation (`_scan_merged`: the same
         arithmetic, a quarter of the per-step dispatches for 4-way); with the compiled CPU kernels a
-        single direction takes that path too (the compiled conv and the channels-last layout). On CUDA
-        each direction calls mamba-ssm's kernel (`_scan`), which takes one parameter set per call.
+        single direction takes that path too (the compiled conv and the channels-last layout), and in
+        float32/float64 outside autocast the compiled ops run as one autograd node (`_core_merged`,
+        `mixer_merged`: the same bits, without autograd's concatenations and copies in the backward).
+        On CUDA each direction calls mamba-ssm's kernel (`_scan`), which takes one parameter set per call.
         """
         xz_rows = self.in_proj(hidden)                                      # (B, L, 2d)
         if (self.merge_directions and self.fold_directions and self.fused_core and xz_rows.dtype == hidden.dtype
@@ -263,7 +265,9 @@ class MambaMixer(nn.Module):
 
         x_proj_w = stack([xp.weight for _, xp, _ in mods])                           # (G, r + 2n, d)
         dt_proj_w = stack([dp.weight for _, _, dp in mods])                          # (G, d, r)
-        if compiled_cpu(x):
+        compiled = compiled_cpu(x)
+        grouped = compiled and self.fold_directions   # the kernel gates every direction by z and averages them
+        if compiled:
             # channels innermost throughout: the compiled conv writes (G, B, L, d) in token order, the
             # projections are batched matmuls over it, and the scan reads u, delta, z and writes its
             # output in that layout (no gathers, no layout copies; the output's transpose is contiguous)
@@ -278,7 +282,7 @@ class MambaMixer(nn.Module):
 
             u, delta, b_in, c_in = seq_major(xc.view(g, b * length, d)), seq_major(delta), seq_major(b_in), \
                 seq_major(c_in)
-            if self.fold_directions:
+            if grouped:
                 z_all = z                       # read once per batch row by every direction (`groups`)
             else:
                 z_all = seq_major(z.transpose(1, 2).unsqueeze(0).expand(g, b, length, d).reshape(g, b * length, d))
@@ -305,7 +309,7 @@ class MambaMixer(nn.Module):
         params = dict(D=per_seq(stack([getattr(self, "D" + s) for s in dirs]).float()), z=z_all,
                       delta_bias=per_seq(stack([dp.bias for _, _, dp in mods]).float()), delta_softplus=True,
                       order=per_seq(orders))
-        if z_all is z and compiled_cpu(x):
+        if grouped:
             return selective_scan_compiled(u, delta, per_seq(a), b_in, c_in, **params, groups=g)
         y = selective_scan(u, delta, per_seq(a), b_in, c_in, **params).view(g, b, d, length)
         return y[0] if g == 1 else y.mean(0)
