@@ -11,7 +11,11 @@ from cxpmrg_lib.stages.probe import probe_auroc, probe_autoregressive, probe_tab
 from cxpmrg_lib.stages.studies import load_split, load_studies
 from cxpmrg_lib.stages import (AutoregressiveConfig, autoregressive_examples, config_hash, load_autoregressive,
                                pretrain_autoregressive, read_summary)
+from cxpmrg_lib.models.ssm import compiled_available
 from cxpmrg_lib.trainer import read_metrics
+
+# the path a stage run's summary must name: the compiled kernel wherever it builds (CI builds it)
+_SCAN_RAN = "compiled" if compiled_available() else "pytorch"
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +52,7 @@ def test_pretrain_autoregressive_runs_caches_and_reloads(phantom, tmp_path):
         assert (run_dir / name).exists(), name
     summary = read_summary(run_dir)
     assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
+    assert summary["scan_impl"] == _SCAN_RAN                 # the summary says which scan trained it (1-way)
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r][-1] == 3
 
     # same config: reused without training (the metrics file is untouched)
@@ -97,6 +102,7 @@ def test_pretrain_contrastive_from_stage1_and_random(phantom, tmp_path):
     run = pretrain_contrastive(ContrastiveConfig(**common, init="stage1", stage1_epochs=0.1))
     summary = read_summary(run)
     assert summary["steps"] == 2 and summary["stage1_run"] is not None
+    assert summary["scan_impl"] == _SCAN_RAN                 # 4-way: the merged mixer's compiled core too
     assert read_summary(summary["stage1_run"])["stage"] == "autoregressive"
     for split in ("val", "test"):
         r = summary["retrieval"][split]

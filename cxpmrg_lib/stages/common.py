@@ -113,6 +113,7 @@ def start_run(config: StageConfig, stage: str, payload: dict, label: str) -> tup
         return run_dir, True
     write_text(run_dir / "config.yaml", yaml.safe_dump({"config": asdict(config), "resolved": payload},
                                                        sort_keys=False))
+    take_scan_impls()                 # a new record of the scan paths: the summary names this run's own
     return run_dir, False
 
 
