@@ -19,15 +19,15 @@ import torch
 from cxpmrg_lib.models.ssm import record_scan_impl
 from cxpmrg_lib.models.ssm_build import load_kernel as _ops
 
-__all__ = ["merged_mixer_core"]
+__all__ = ["merged_mixer_core", "seq_major", "per_sequence"]
 
 
-def _seq_major(t: torch.Tensor, g: int, b: int, length: int) -> torch.Tensor:
+def seq_major(t: torch.Tensor, g: int, b: int, length: int) -> torch.Tensor:
     """(G, B*L, c) -> (G*B, c, L), a view."""
     return t.reshape(g * b, length, t.shape[-1]).transpose(1, 2)
 
 
-def _per_seq(t: torch.Tensor, b: int) -> torch.Tensor:
+def per_sequence(t: torch.Tensor, b: int) -> torch.Tensor:
     """(G, ...) -> (G*B, ...): direction g's parameters for each of its B sequences (contiguous)."""
     g = t.shape[0]
     return t.unsqueeze(1).expand(g, b, *t.shape[1:]).reshape(g * b, *t.shape[1:]).contiguous()
@@ -47,10 +47,10 @@ class _MergedMixerFn(torch.autograd.Function):
         dt = x_dbl[..., :r]
         delta = torch.bmm(dt, dt_proj_w.transpose(1, 2))                            # (G, B*L, d)
         seq = dict(g=g, b=b, length=length)
-        u, delta_s = _seq_major(xc_rows, **seq), _seq_major(delta, **seq)
-        b_in, c_in = _seq_major(x_dbl[..., r:r + n], **seq), _seq_major(x_dbl[..., r + n:], **seq)
-        a_s, skip_s, bias_s = _per_seq(a, b), _per_seq(skip, b), _per_seq(dt_bias, b)
-        order_s = _per_seq(orders, b)
+        u, delta_s = seq_major(xc_rows, **seq), seq_major(delta, **seq)
+        b_in, c_in = seq_major(x_dbl[..., r:r + n], **seq), seq_major(x_dbl[..., r + n:], **seq)
+        a_s, skip_s, bias_s = per_sequence(a, b), per_sequence(skip, b), per_sequence(dt_bias, b)
+        order_s = per_sequence(orders, b)
         keep = any(ctx.needs_input_grad)
         y, _, ckpt = ops.scan_fwd(u, delta_s, a_s, b_in, c_in, skip_s, z, bias_s, order_s, True, keep, False, g)
         if keep:
@@ -67,8 +67,8 @@ class _MergedMixerFn(torch.autograd.Function):
         ops = _ops()
         seq = dict(g=g, b=b, length=length)
         xc_rows = xc.view(g, b * length, d)
-        u, delta_s = _seq_major(xc_rows, **seq), _seq_major(delta, **seq)
-        b_in, c_in = _seq_major(x_dbl[..., r:r + n], **seq), _seq_major(x_dbl[..., r + n:], **seq)
+        u, delta_s = seq_major(xc_rows, **seq), seq_major(delta, **seq)
+        b_in, c_in = seq_major(x_dbl[..., r:r + n], **seq), seq_major(x_dbl[..., r + n:], **seq)
         x, z = xz[..., :d].transpose(1, 2), xz[..., d:].transpose(1, 2)
         dxz = torch.empty_like(xz)                                                    # (B, L, 2d)
         with torch.autocast("cpu", enabled=False):

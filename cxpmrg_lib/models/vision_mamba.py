@@ -20,7 +20,7 @@ from torch import nn
 
 from cxpmrg_lib.models import mixer_conv
 from cxpmrg_lib.models.fused_ops import RMSNorm, compiled_cpu, fused_applies, swiglu
-from cxpmrg_lib.models.mixer_merged import merged_mixer_core
+from cxpmrg_lib.models.mixer_merged import merged_mixer_core, per_sequence, seq_major
 from cxpmrg_lib.models.ssm import selective_scan, selective_scan_compiled
 
 __all__ = ["EncoderConfig", "VisionMamba", "MambaMixer", "EncoderOutput", "expand_to_four_way",
@@ -106,6 +106,11 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     if channels == 1:
         return images.mean(dim=1, keepdim=True)
     raise ValueError(f"encoder takes {channels} channels, got {images.shape[1]}")
+
+
+def _stack_directions(ts: list[torch.Tensor]) -> torch.Tensor:
+    """The directions' tensors stacked on a new first dim (one direction: a view)."""
+    return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
 
 
 class MambaMixer(nn.Module):
@@ -227,22 +232,26 @@ class MambaMixer(nn.Module):
             rows.append(idx)
         return torch.stack(rows)
 
+    def _direction_modules(self) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
+        """(conv1d, x_proj, dt_proj) of every direction, in `directions` order."""
+        return [(getattr(self, "conv1d" + s), getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s))
+                for s in self.directions]
+
     def _core_merged(self, xz: torch.Tensor) -> torch.Tensor:
         """`_scan_merged` with the compiled kernels as one autograd node (`mixer_merged`); xz (B, L, 2d)."""
         dirs = self.directions
-        mods = [(getattr(self, "conv1d" + s), getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s)) for s in dirs]
-
-        def stack(ts: list[torch.Tensor]) -> torch.Tensor:                            # one direction: a view
-            return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+        mods = self._direction_modules()
 
         dtype = xz.dtype
         return merged_mixer_core(
-            xz, stack([c.weight[:, 0, :] for c, _, _ in mods]).to(dtype), stack([c.bias for c, _, _ in mods]).to(dtype),
-            stack([xp.weight for _, xp, _ in mods]).to(dtype), stack([dp.weight for _, _, dp in mods]).to(dtype),
-            -torch.exp(stack([getattr(self, "A_log" + s) for s in dirs]).float()).to(dtype),
+            xz, _stack_directions([c.weight[:, 0, :] for c, _, _ in mods]).to(dtype),
+            _stack_directions([c.bias for c, _, _ in mods]).to(dtype),
+            _stack_directions([xp.weight for _, xp, _ in mods]).to(dtype),
+            _stack_directions([dp.weight for _, _, dp in mods]).to(dtype),
+            -torch.exp(_stack_directions([getattr(self, "A_log" + s) for s in dirs]).float()).to(dtype),
             # A, D and the dt bias pass through float32 as in the other paths (and mamba-ssm's kernel)
-            stack([getattr(self, "D" + s) for s in dirs]).float().to(dtype),
-            stack([dp.bias for _, _, dp in mods]).float().to(dtype),
+            _stack_directions([getattr(self, "D" + s) for s in dirs]).float().to(dtype),
+            _stack_directions([dp.bias for _, _, dp in mods]).float().to(dtype),
             self.scan_orders(xz.shape[1], xz.device), self.d_state)
 
     def _scan_merged(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -258,34 +267,29 @@ class MambaMixer(nn.Module):
         g, (b, d, length) = len(dirs), x.shape
         n, r = self.d_state, self.dt_rank
         orders = self.scan_orders(length, x.device)                                   # (G, L)
-        mods = [(getattr(self, "conv1d" + s), getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s)) for s in dirs]
+        mods = self._direction_modules()
 
-        def stack(ts: list[torch.Tensor]) -> torch.Tensor:                            # one direction: a view
-            return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
-
-        x_proj_w = stack([xp.weight for _, xp, _ in mods])                           # (G, r + 2n, d)
-        dt_proj_w = stack([dp.weight for _, _, dp in mods])                          # (G, d, r)
+        x_proj_w = _stack_directions([xp.weight for _, xp, _ in mods])               # (G, r + 2n, d)
+        dt_proj_w = _stack_directions([dp.weight for _, _, dp in mods])              # (G, d, r)
         compiled = compiled_cpu(x)
         grouped = compiled and self.fold_directions   # the kernel gates every direction by z and averages them
         if compiled:
             # channels innermost throughout: the compiled conv writes (G, B, L, d) in token order, the
             # projections are batched matmuls over it, and the scan reads u, delta, z and writes its
             # output in that layout (no gathers, no layout copies; the output's transpose is contiguous)
-            conv_w = stack([c.weight[:, 0, :] for c, _, _ in mods])                 # (G, d, k)
-            xc = mixer_conv.causal_conv_silu(x, conv_w, stack([c.bias for c, _, _ in mods]), orders)
+            conv_w = _stack_directions([c.weight[:, 0, :] for c, _, _ in mods])     # (G, d, k)
+            xc = mixer_conv.causal_conv_silu(x, conv_w, _stack_directions([c.bias for c, _, _ in mods]), orders)
             x_dbl = torch.matmul(xc.view(g, b * length, d), x_proj_w.transpose(1, 2))  # (G, B*L, r + 2n)
             dt, b_in, c_in = torch.split(x_dbl, [r, n, n], dim=-1)
             delta = torch.matmul(dt, dt_proj_w.transpose(1, 2))                     # (G, B*L, d)
 
-            def seq_major(t: torch.Tensor) -> torch.Tensor:                         # (G, B*L, c) -> (G*B, c, L)
-                return t.reshape(g * b, length, t.shape[-1]).transpose(1, 2)
-
-            u, delta, b_in, c_in = seq_major(xc.view(g, b * length, d)), seq_major(delta), seq_major(b_in), \
-                seq_major(c_in)
+            u, delta, b_in, c_in = (seq_major(t, g, b, length)
+                                    for t in (xc.view(g, b * length, d), delta, b_in, c_in))
             if grouped:
                 z_all = z                       # read once per batch row by every direction (`groups`)
             else:
-                z_all = seq_major(z.transpose(1, 2).unsqueeze(0).expand(g, b, length, d).reshape(g, b * length, d))
+                z_rows = z.transpose(1, 2).unsqueeze(0).expand(g, b, length, d).reshape(g, b * length, d)
+                z_all = seq_major(z_rows, g, b, length)
         else:
             inverse = torch.argsort(orders, dim=-1)
             xs = x.unsqueeze(1).expand(b, g, d, length).gather(3, orders[None, :, None, :].expand(b, g, d, length))
@@ -302,16 +306,13 @@ class MambaMixer(nn.Module):
             c_in = c_in.transpose(0, 1).reshape(g * b, length, n).transpose(1, 2)
             z_all = z.unsqueeze(0).expand(g, b, d, length).reshape(g * b, d, length)
 
-        def per_seq(t: torch.Tensor) -> torch.Tensor:                               # (G, ...) -> (G*B, ...)
-            return t.unsqueeze(1).expand(g, b, *t.shape[1:]).reshape(g * b, *t.shape[1:])
-
-        a = -torch.exp(stack([getattr(self, "A_log" + s) for s in dirs]).float())
-        params = dict(D=per_seq(stack([getattr(self, "D" + s) for s in dirs]).float()), z=z_all,
-                      delta_bias=per_seq(stack([dp.bias for _, _, dp in mods]).float()), delta_softplus=True,
-                      order=per_seq(orders))
+        a = -torch.exp(_stack_directions([getattr(self, "A_log" + s) for s in dirs]).float())
+        params = dict(D=per_sequence(_stack_directions([getattr(self, "D" + s) for s in dirs]).float(), b), z=z_all,
+                      delta_bias=per_sequence(_stack_directions([dp.bias for _, _, dp in mods]).float(), b),
+                      delta_softplus=True, order=per_sequence(orders, b))
         if grouped:
-            return selective_scan_compiled(u, delta, per_seq(a), b_in, c_in, **params, groups=g)
-        y = selective_scan(u, delta, per_seq(a), b_in, c_in, **params).view(g, b, d, length)
+            return selective_scan_compiled(u, delta, per_sequence(a, b), b_in, c_in, **params, groups=g)
+        y = selective_scan(u, delta, per_sequence(a, b), b_in, c_in, **params).view(g, b, d, length)
         return y[0] if g == 1 else y.mean(0)
 
 
