@@ -207,6 +207,18 @@ def test_bad_stem_is_refused(bad):
         EncoderConfig(**bad)
 
 
+def _steps_with_mixer_switch(model, images, monkeypatch, switch):
+    """A training step's tokens and parameter gradients with the MambaMixer class switch on, then off."""
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(MambaMixer, switch, on)
+        model.zero_grad(set_to_none=True)
+        tokens = model(images).tokens
+        (tokens * tokens.detach().sin()).sum().backward()
+        results.append((tokens.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    return results
+
+
 @pytest.mark.skipif(not compiled_available(), reason="the compiled scan did not build here")
 @pytest.mark.parametrize("scan", ["4-way", "1-way"])
 def test_folded_directions_equal_the_stacked_mean_bit_for_bit(scan, monkeypatch):
@@ -215,14 +227,7 @@ def test_folded_directions_equal_the_stacked_mean_bit_for_bit(scan, monkeypatch)
     torch.manual_seed(0)
     model = VisionMamba(EncoderConfig(image_size=32, patch_size=8, dim=32, depth=2, scan=scan))
     images = torch.randn(3, 1, 32, 32)
-    results = []
-    for fold in (True, False):
-        monkeypatch.setattr(MambaMixer, "fold_directions", fold)
-        model.zero_grad(set_to_none=True)
-        tokens = model(images).tokens
-        (tokens * tokens.detach().sin()).sum().backward()
-        results.append((tokens.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (t1, g1), (t2, g2) = results
+    (t1, g1), (t2, g2) = _steps_with_mixer_switch(model, images, monkeypatch, "fold_directions")
     assert torch.equal(t1, t2)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), name
@@ -242,14 +247,7 @@ def test_fused_core_equals_the_composed_path(scan, dtype, monkeypatch):
             torch.manual_seed(0)
             model = VisionMamba(EncoderConfig(image_size=32, patch_size=8, dim=32, depth=2, scan=scan)).to(dtype)
             images = torch.randn(3, 1, 32, 32, dtype=dtype)
-            results = []
-            for fused in (True, False):
-                monkeypatch.setattr(MambaMixer, "fused_core", fused)
-                model.zero_grad(set_to_none=True)
-                tokens = model(images).tokens
-                (tokens * tokens.detach().sin()).sum().backward()
-                results.append((tokens.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-            (t1, g1), (t2, g2) = results
+            (t1, g1), (t2, g2) = _steps_with_mixer_switch(model, images, monkeypatch, "fused_core")
             torch.testing.assert_close(t1, t2, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=1e-7)
             for name in g1:
                 torch.testing.assert_close(g1[name], g2[name], **tol, msg=name)
