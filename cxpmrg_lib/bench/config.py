@@ -167,4 +167,8 @@ def for_dataset(config: BenchConfig, dataset_root: str, dataset_kind: str = "aut
 
 
 def bench_dir(config: BenchConfig) -> Path:
-    return dataset_dir(config.run_root, config.dataset_root, config.preset) / "bench"
+    """Where one training seed's benchmark lives: `bench/` for seed 0 (where every row lived before the
+    benchmark had seeds, so those rows are reused), `bench/seed_<k>/` for seed k. Each holds that seed's
+    results.csv, predictions/ and row runs."""
+    root = dataset_dir(config.run_root, config.dataset_root, config.preset) / "bench"
+    return root if config.seed == 0 else root / f"seed_{config.seed}"
