@@ -42,9 +42,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 # efficiency chapter, `make bench`): installed here, --no-deps (it needs only torch).
 MAMBAPY := $(PIP) install --quiet --no-deps -c $(CONSTRAINTS) mambapy $(PIPQ)
 
+# SEEDS=N: training seeds per benchmark row (the notebooks' default is 3; `make book SEEDS=1` is the quick book)
 book: $(STAMP)
 	@$(BIN)/python -c "import mambapy" 2>/dev/null || $(MAMBAPY)
-	$(BIN)/cxpmrg book
+	$(BIN)/cxpmrg book $(if $(SEEDS),-p seeds $(SEEDS))
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q

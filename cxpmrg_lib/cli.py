@@ -130,12 +130,26 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
     systems = system_slugs([ALL] if a.all else a.systems) or None
     common = _stage_common(a)
-    out = run_bench(BenchConfig(**common, systems=systems, test_studies=a.test_studies, num_beams=a.beams,
-                                lm_epochs=a.lm_epochs, n_boot=a.n_boot, redo=a.redo, jobs=a.jobs,
-                                backbone_pretraining=a.backbone_pretraining, decoding_choice=a.decoding,
-                                **({"backbone_steps": a.backbone_steps} if a.backbone_steps is not None else {})))
+    config = BenchConfig(**common, systems=systems, test_studies=a.test_studies, num_beams=a.beams,
+                         lm_epochs=a.lm_epochs, n_boot=a.n_boot, redo=a.redo, jobs=a.jobs,
+                         backbone_pretraining=a.backbone_pretraining, decoding_choice=a.decoding, seeds=a.seeds,
+                         **({"backbone_steps": a.backbone_steps} if a.backbone_steps is not None else {}))
+    out = run_bench(config)
     table = read_results(out)
     cols = ["name", "bleu4", "rouge_l", "meteor", "cider", "ce_f1", "train_min", "trainable_m", "reports_per_s"]
+    if a.seeds > 1:
+        from cxpmrg_lib.bench import claims, pair_table, score_seeds, seed_dirs, seed_results, seed_table
+
+        rows = seed_results(config)
+        scores = score_seeds(config, rows)
+        seeds = seed_table(scores, rows)
+        shown = seeds[["seeds", "ce_f1", "ce_f1_sd", "ce_f1_lo", "ce_f1_hi", "bleu4", "bleu4_sd", "distinct"]]
+        print(f"the {a.seeds} training seeds {config.training_seeds()}: mean, seed sd and the 95% interval over "
+              "seeds and test studies")
+        print(shown.to_string(float_format=lambda x: f"{x:.3f}"))
+        print(claims(scores, seeds, pair_table(scores)))
+        print("results: " + ", ".join(str(d / "results.csv") for d in seed_dirs(config)))
+        return 0
     print(table[[c for c in cols if c in table]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"results: {out / 'results.csv'}; predictions: {out / 'predictions'}")
     return 0
@@ -320,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--backbone-steps", type=int, default=None,
                     help="steps of that backbone pre-training (default: the protocol's, 600; 300 the old setting)")
     bn.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs and paired tests")
+    bn.add_argument("--seeds", type=int, default=1,
+                    help="training seeds per row (--seed, --seed + 1, ...; the data stay the same): each trained row "
+                         "is trained this often, and the intervals and tests cover the seeds and the test studies "
+                         "(the book uses 3; default 1)")
     bn.add_argument("--jobs", type=int, default=0,
                     help="systems trained side by side in worker processes; 0: one per CPU core (1 on cuda)")
     bn.set_defaults(func=_cmd_bench)

@@ -87,6 +87,12 @@ def test_smoke_book_builds_with_data_chapter(smoke_book):
         assert not widgets, f"{name}: {len(widgets)} widget outputs (progress bars?) in the book"
     results = smoke_book.run_root
     assert list(results.rglob("bench/results.csv")), "the smoke benchmark wrote no results.csv"
+    # two training seeds in the smoke run: seed 1's rows in bench/seed_1/, and the page states its claims over both
+    assert list(results.rglob("bench/seed_1/results.csv")), "the smoke benchmark's second seed wrote nothing"
+    page = (html / "notebooks" / "04_benchmark.html").read_text()
+    for text in ("What this run shows", "The training seeds, seen", "over 2 seeds", "Holm-adjusted p over seeds and studies",
+                 "How the interval and the tests carry both sources of noise", "seeds 0."):
+        assert text in page, text
     times = json.loads((book / "_build" / "pipeline_times.json").read_text())
     assert set(times["steps"]) == set(NOTEBOOKS) | {"jupyter-book build"}
     # the data was written where asked, under names that encode its settings (reused next time)

@@ -24,16 +24,21 @@ benchmarks (04_benchmark's main dataset and iu-phantom) in one queue of workers.
 Modules, from the bottom up: systems (the System records), config (the protocol, BenchConfig), training
 (what every runner shares), runners (how each kind of system is run), mechanisms (the runners of the
 systems that add one mechanism each: PromptMRG-, TIMER-, M2KT-, XProNet-, WCL- and R2GenCSR-style),
-run (`run_bench`, `run_benches`), tables (the results as the book shows them, beside the paper's Table 1).
+run (`run_bench`, `run_benches`: every training seed of each), seeds (the seeds read together: seed means,
+intervals and paired tests over seeds and studies, Holm's correction, the claims the seeds support), tables (the results as the book shows them, beside the paper's Table 1).
 """
 from cxpmrg_lib.bench.config import (ALL, BACKBONE_PRETRAINING, SMOKE_BUDGET, SMOKE_SECOND_SYSTEMS, SMOKE_SYSTEMS,
-                                     BenchConfig, bench_dir, for_dataset, notebook_config, system_slugs)
+                                     BenchConfig, bench_dir, for_dataset, notebook_config, seed_dirs, system_slugs)
 from cxpmrg_lib.bench.run import read_results, run_bench, run_benches
 from cxpmrg_lib.bench.systems import DEFAULT_SYSTEMS, FROM_SCRATCH_LR, REFERENCE, SYSTEMS, System
 from cxpmrg_lib.bench.tables import (backbone_steps_table, beside_paper, cost_table, encoder_spread, pairwise_pvalues,
                                      paper_table1, per_label_f1, plain_summary, ranked_table, report_diversity)
 
-__all__ = ["backbone_steps_table", "encoder_spread", "SYSTEMS", "DEFAULT_SYSTEMS", "SMOKE_SYSTEMS", "notebook_config",
+from cxpmrg_lib.bench.seeds import (SeedScores, claims, pair_table, read_seed_tables, save_seed_table, score_seeds,
+                                    seed_cells, seed_long, seed_note, seed_results, seed_spread_summary, seed_table)
+
+__all__ = ["seed_dirs", "SeedScores", "read_seed_tables", "save_seed_table", "claims", "pair_table", "score_seeds", "seed_cells", "seed_long", "seed_note",
+           "seed_results", "seed_spread_summary", "seed_table", "backbone_steps_table", "encoder_spread", "SYSTEMS", "DEFAULT_SYSTEMS", "SMOKE_SYSTEMS", "notebook_config",
            "for_dataset", "FROM_SCRATCH_LR", "System", "BenchConfig", "run_bench", "run_benches", "bench_dir", "read_results",
            "ranked_table", "per_label_f1", "pairwise_pvalues", "plain_summary", "report_diversity", "REFERENCE",
            "BACKBONE_PRETRAINING", "SMOKE_BUDGET", "SMOKE_SECOND_SYSTEMS", "ALL", "system_slugs", "beside_paper",

@@ -45,6 +45,11 @@ class BenchConfig(StageConfig):
     # for every system; "fixed": num_beams / repetition_penalty / no_repeat_ngram_size above for all (the
     # old setting)
     decoding_choice: str = "validation"
+    # Training seeds: every row is trained `seeds` times, with the training seeds seed, seed + 1, ...: the data
+    # (and the test studies) stay the same, and only the initialisation, the data order and dropout change.
+    # Not in the protocol: seed 0's rows keep their hashes and folders (bench_dir), and a benchmark with more
+    # seeds reuses those of fewer.
+    seeds: int = 1
 
     preset_defaults = "stage3"
 
@@ -55,9 +60,21 @@ class BenchConfig(StageConfig):
                              f"not {self.backbone_pretraining!r}")
         if self.decoding_choice not in DECODING_CHOICES:
             raise ValueError(f"decoding_choice must be one of {DECODING_CHOICES}, not {self.decoding_choice!r}")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds must be a whole number of at least 1, not {self.seeds!r}")
         unknown = [s for s in list(self.systems or []) + list(self.redo) if s not in SYSTEMS]
         if unknown:
             raise ValueError(f"unknown system(s) {unknown}; known: {list(SYSTEMS)}")
+
+    def training_seeds(self) -> list[int]:
+        """The training seeds of the replicates: seed, seed + 1, ... (`seeds` of them)."""
+        return [self.seed + k for k in range(self.seeds)]
+
+    def seed_configs(self) -> list["BenchConfig"]:
+        """One benchmark per training seed, each a single-seed config (the rows it trains)."""
+        from dataclasses import replace
+
+        return [replace(self, seed=s, seeds=1) for s in self.training_seeds()]
 
     def decoding(self) -> dict:
         return {"num_beams": self.num_beams, "repetition_penalty": self.repetition_penalty,
@@ -113,10 +130,11 @@ def notebook_config(dataset_root: str, dataset_kind: str = "auto", loader: dict 
                     run_root: str = "runs", seed: int = 0, device: str = "cpu", systems: str | list | None = "",
                     epochs: float = 0, lm_epochs: float = 0, smoke: bool = False, jobs: int = 0,
                     backbone_pretraining: str = "labels", decoding_choice: str = "validation",
-                    backbone_steps: int = BACKBONE_STEPS) -> BenchConfig:
+                    backbone_steps: int = BACKBONE_STEPS, seeds: int = 1) -> BenchConfig:
     """The benchmark of the notebooks' parameters (04_benchmark runs it, 06_explore reads the same folder).
     `systems`: comma-separated slugs or a list, or "all" (every registered system); empty: the default list
-    (the smoke list in a smoke run)."""
+    (the smoke list in a smoke run). `seeds`: training seeds per row (seed, seed + 1, ...; the phantom's data
+    seed is `seed` whatever their number)."""
     chosen = system_slugs(systems)
     if smoke and not chosen:
         chosen = list(SMOKE_SYSTEMS)
@@ -124,7 +142,8 @@ def notebook_config(dataset_root: str, dataset_kind: str = "auto", loader: dict 
               **(SMOKE_BUDGET if smoke else {})}
     return BenchConfig(dataset_root=dataset_root, dataset_kind=dataset_kind, preset=preset, run_root=run_root,
                        seed=seed, device=device, loader=loader or {}, systems=chosen or None, jobs=jobs,
-                       backbone_pretraining=backbone_pretraining, decoding_choice=decoding_choice, **budget)
+                       backbone_pretraining=backbone_pretraining, decoding_choice=decoding_choice, seeds=int(seeds),
+                       **budget)
 
 
 # The smoke run's systems on a second dataset (the iu-phantom of 04_benchmark).
@@ -172,3 +191,8 @@ def bench_dir(config: BenchConfig) -> Path:
     results.csv, predictions/ and row runs."""
     root = dataset_dir(config.run_root, config.dataset_root, config.preset) / "bench"
     return root if config.seed == 0 else root / f"seed_{config.seed}"
+
+
+def seed_dirs(config: BenchConfig) -> list[Path]:
+    """The benchmark folders of every training seed of `config`, in seed order."""
+    return [bench_dir(c) for c in config.seed_configs()]

@@ -17,7 +17,7 @@ from cxpmrg_lib.bench import mechanisms
 from cxpmrg_lib.bench.runners import RUNNERS as _BASE_RUNNERS, _FeatureSet, _mamba_config, _stage2_tokens
 from cxpmrg_lib.bench.systems import DEFAULT_SYSTEMS, REFERENCE, SYSTEMS, System
 from cxpmrg_lib.bench.training import _Data, _Fitted, _lm_epochs, _load_data, _report_lm_call, _stage2_call
-from cxpmrg_lib.runs import config_hash
+from cxpmrg_lib.runs import config_hash, dataset_dir
 from cxpmrg_lib.stages.decoding import describe_decoding
 from cxpmrg_lib.util.fileio import atomic_path, write_json
 
@@ -95,8 +95,10 @@ _DATA: dict[str, _Data] = {}
 
 def _data_for(config: BenchConfig) -> _Data:
     """The benchmark's studies, decoded once per process (a worker keeps them for its next rows, those of
-    two benchmarks when run_benches queues a second one)."""
-    key = config_hash(config.protocol())
+    every training seed, and of two benchmarks when run_benches queues a second one)."""
+    from dataclasses import replace
+
+    key = config_hash(replace(config, seed=0).protocol())    # the studies are the same for every training seed
     if key not in _DATA:
         if len(_DATA) >= 2:
             _DATA.pop(next(iter(_DATA)))
@@ -229,8 +231,9 @@ def row_order(rows: list[tuple[int, str]]) -> list[tuple[int, str]]:
 
 
 def run_benches(configs: list[BenchConfig]) -> list[Path]:
-    """Several benchmarks (04_benchmark: the main dataset's and the iu-phantom's) in one queue of workers,
-    the first config's `jobs` on its device; returns their bench folders in the same order.
+    """Several benchmarks (04_benchmark: the main dataset's and the iu-phantom's), each with all its training
+    seeds (BenchConfig.seeds), in one queue of workers, the first config's `jobs` on its device; returns their
+    bench folders (those of each config's first seed; seed_dirs gives all) in the same order.
 
     Run one after the other, the second benchmark's report LM and stage 3 wait for each other alone on a
     machine whose other core has nothing left to do (the iu-phantom took 5 of the book's minutes so);
@@ -240,7 +243,9 @@ def run_benches(configs: list[BenchConfig]) -> list[Path]:
 
     from cxpmrg_lib.util.parallel import Workers
 
-    pending = [_Pending(c) for c in configs]
+    # Every training seed of every benchmark is a benchmark of its own (bench_dir: seed 0 in bench/, seed k in
+    # bench/seed_<k>/), all in the one queue: a seed's earlier stages train beside another seed's rows.
+    pending = [_Pending(c) for config in configs for c in config.seed_configs()]
     # One queue: the earlier-stage runs of every benchmark first, then the rows (each benchmark's reference
     # first, then by kind). A worker that has no earlier run left to train starts on the rows instead of
     # standing idle until the last one is done (in the default book the GPT-2 report LM of the LM swap trained
@@ -253,7 +258,7 @@ def run_benches(configs: list[BenchConfig]) -> list[Path]:
         labels += names
     rows = row_order([(i, s) for i, p in enumerate(pending) for s in p.todo])
     tasks += [(i, "row", s) for i, s in rows]
-    suffix = [""] * len(pending) if len(pending) == 1 else [f" ({p.out.parent.parent.name})" for p in pending]
+    suffix = [""] * len(pending) if len(pending) == 1 else [_label(p.config, configs) for p in pending]
     labels += [SYSTEMS[s].name + suffix[i] for i, s in rows]
     if any(p.todo for p in pending):
         try:
@@ -264,4 +269,12 @@ def run_benches(configs: list[BenchConfig]) -> list[Path]:
                         pending[i].done(job)
         finally:
             _DATA.clear()
-    return [p.out for p in pending]
+    return [bench_dir(c) for c in configs]
+
+
+def _label(config: BenchConfig, configs: list[BenchConfig]) -> str:
+    """A queue label's suffix: the dataset when the queue holds several, the seed when it holds several."""
+    parts = ([dataset_dir(config.run_root, config.dataset_root, config.preset).parent.name]
+             if len({c.dataset_root for c in configs}) > 1 else [])
+    parts += [f"seed {config.seed}"] if any(c.seeds > 1 for c in configs) else []
+    return f" ({', '.join(parts)})" if parts else ""

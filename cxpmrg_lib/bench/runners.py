@@ -221,7 +221,8 @@ class _FeatureSet(torch.utils.data.Dataset):
 
 def _stage2_tokens(config: BenchConfig, data: _Data) -> dict:
     """Study tokens of the stage-2 encoder (frozen) for train/val/test, computed once per benchmark."""
-    if "stage2_tokens" not in data.cache:
+    key = ("stage2_tokens", config.seed)        # each training seed has its own stage 2
+    if key not in data.cache:
         from cxpmrg_lib.models.vision_mamba import study_tokens
         from cxpmrg_lib.stages.contrastive import load_contrastive
         from cxpmrg_lib.data.dataset import collate_studies
@@ -236,8 +237,8 @@ def _stage2_tokens(config: BenchConfig, data: _Data) -> dict:
                     b = collate_studies([studies[i] for i in range(start, min(start + 64, len(studies)))])
                     chunks.append(study_tokens(encoder, b["image"], b["image_mask"]))
                 out[split] = torch.cat(chunks)
-        data.cache["stage2_tokens"] = out
-    return data.cache["stage2_tokens"]
+        data.cache[key] = out
+    return data.cache[key]
 
 
 def _run_lm_swap(system: System, config: BenchConfig, data: _Data, run_dir: Path) -> _Fitted:

@@ -110,6 +110,13 @@ def _read_yaml(path: Path) -> dict:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
 
 
+def _bench_system(parts: tuple[str, ...]) -> str:
+    """The system of a benchmark row's folder: bench/<system>/<hash> (seed 0) or bench/seed_<k>/<system>/<hash>."""
+    if len(parts) <= 4 or parts[2] != "bench":
+        return ""
+    return parts[4] if parts[3].startswith("seed_") and len(parts) > 5 else parts[3]
+
+
 def run_table(run_root: str | os.PathLike) -> pd.DataFrame:
     """One row per run: where it is, what it trained on with which settings, whether it finished, how long it took.
 
@@ -130,7 +137,7 @@ def run_table(run_root: str | os.PathLike) -> pd.DataFrame:
             "dataset": parts[0] if len(parts) > 1 else "",
             "preset": config.get("preset", parts[1] if len(parts) > 2 else ""),
             "stage": resolved.get("stage", parts[2] if len(parts) > 2 else "?"),
-            "system": parts[3] if len(parts) > 4 and parts[2] == "bench" else "",
+            "system": _bench_system(parts),
             "hash": run.name,
             "seed": config.get("seed"),
             "init": config.get("init", ""),
@@ -353,3 +360,20 @@ def rerun_markdown(run_root: str | os.PathLike, fresh_run_root: str = "runs-reru
     lines += ["Exactly this configuration, rebuilt from the run's own config.yaml (prints the new BLEU-4):", "",
               "```bash", c["python"], "```"]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- what a rerun may move
+def seed_yardstick(run_root: str | os.PathLike) -> pd.DataFrame:
+    """How far a rerun of training moves a benchmark score, measured in this run: per benchmark (dataset) and
+    metric, the number of seeds, the median and the largest seed standard deviation over the trained rows,
+    and the largest spread between two seeds of one row (from the seed tables 04_benchmark saved)."""
+    from cxpmrg_lib.bench.seeds import read_seed_tables, seed_spread_summary
+
+    rows = []
+    for name, table in read_seed_tables(run_root).items():
+        for metric in ("ce_f1", "bleu4", "distinct"):
+            s = seed_spread_summary(table, metric)
+            rows.append({"benchmark": name, "metric": metric, "seeds": int(table["seeds"].max()),
+                         "rows": s["rows"], "median seed sd": s["median_sd"], "largest seed sd": s["max_sd"],
+                         "row": s["max_sd_row"], "largest seed spread": s["max_span"], "row ": s["max_span_row"]})
+    return pd.DataFrame(rows)

@@ -462,7 +462,8 @@ def label_heatmap(table: pd.DataFrame, title: str = "CE F1 per observation") -> 
     return fig
 
 
-def pvalue_matrix(table: pd.DataFrame, metric: str = "ce_f1", alpha: float = 0.05) -> plt.Figure:
+def pvalue_matrix(table: pd.DataFrame, metric: str = "ce_f1", alpha: float = 0.05,
+                  title: str | None = None) -> plt.Figure:
     """Pairwise paired-test p-values; cells below `alpha` are marked with a star."""
     fig, ax = plt.subplots(figsize=(0.55 * len(table) + 3, 0.5 * len(table) + 2))
     values = table.to_numpy(dtype=float)
@@ -475,7 +476,45 @@ def pvalue_matrix(table: pd.DataFrame, metric: str = "ce_f1", alpha: float = 0.0
                 ax.text(j, i, f"{values[i, j]:.2f}" + ("*" if values[i, j] < alpha else ""), ha="center",
                         va="center", fontsize=5.5, color="white" if values[i, j] < 0.1 else "black")
     fig.colorbar(im, ax=ax, fraction=0.03, label="log10 p")
-    ax.set_title(f"Paired bootstrap p-values, {METRIC_LABELS.get(metric, metric)} (* p < {alpha})")
+    ax.set_title(title or f"Paired bootstrap p-values, {METRIC_LABELS.get(metric, metric)} (* p < {alpha})",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def seed_spread(table: pd.DataFrame, keys: Sequence[str] = ("ce_f1", "bleu4", "distinct"),
+                note: str | None = None) -> plt.Figure:
+    """Each row's training seeds as points beside its seed mean, with the 95% interval over seeds and test
+    studies as a bar (bench.seeds.seed_table's columns): the spread a rerun of training can bring, to be seen
+    rather than read. Rows in the order of the first metric's mean; the distinct reports have no interval."""
+    import seaborn as sns
+
+    from cxpmrg_lib.bench.seeds import seed_long
+
+    order = table[keys[0]].astype(float).sort_values(ascending=False).index.tolist()
+    long = seed_long(table, [k for k in keys if k != "distinct"])
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 0.42 * len(order) + 1.8), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, key in zip(axes, keys):
+        data = long[long["metric"] == key]
+        sns.stripplot(data=data, x="value", y="name", order=order, hue="seed", palette="crest", size=5, jitter=0.12,
+                      ax=ax, legend=key == keys[0], alpha=0.85)
+        means = table.loc[order, key].astype(float).to_numpy()
+        rows = np.arange(len(order))
+        if f"{key}_lo" in table:
+            lo, hi = (table.loc[order, f"{key}_{e}"].astype(float).to_numpy() for e in ("lo", "hi"))
+            ax.hlines(rows, lo, hi, color="black", linewidth=1.2, alpha=0.7)
+        ax.scatter(means, rows, marker="|", s=260, color="black", linewidth=2.2, zorder=3)
+        ax.set_xlabel(METRIC_LABELS.get(key, "distinct test reports" if key == "distinct" else key))
+        ax.set_ylabel("")
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="y", labelsize=8)
+    if axes[0].get_legend() is not None:
+        axes[0].legend(title="training seed", fontsize=7, title_fontsize=7, loc="lower left")
+    fig.suptitle("Each training seed (points), the seed mean (black tick) and the 95% interval over seeds and "
+                 "test studies (line)", fontsize=9)
+    if note:
+        fig.text(0.5, -0.01, note, ha="center", fontsize=8, style="italic")
     fig.tight_layout()
     return fig
 
