@@ -143,6 +143,24 @@ def test_seed_tables_and_claims_say_what_the_seeds_support(tmp_path):
     back = saved["phantom/tiny"]
     assert back.loc["MambaXray-VL", "ce_f1_seeds"] == pytest.approx(table.loc["MambaXray-VL", "ce_f1_seeds"])
     assert seed_spread_summary(back)["max_sd"] == pytest.approx(spread["max_sd"])
+    from cxpmrg_lib.chapters.reproducibility import seed_yardstick
+
+    yard = seed_yardstick(config.run_root).set_index("metric")
+    assert yard.loc["ce_f1", "seeds"] == 3 and yard.loc["ce_f1", "largest seed sd"] == pytest.approx(spread["max_sd"])
+    assert yard.loc["ce_f1", "row"] == "MambaXray-VL w/o stage 1"        # the ablation's seeds are far apart
+    # the paper's rows beside ours: the seed table's labelled columns still find the paper's numbers
+    from cxpmrg_lib.bench import beside_paper
+
+    shown = beside_paper(cells, results)
+    assert "<i>" in shown.loc["R2Gen (paper, CheXpert Plus)", "CE-F1"]
+
+
+def test_the_run_table_names_the_system_of_a_seeds_row():
+    from cxpmrg_lib.chapters.reproducibility import _bench_system
+
+    assert _bench_system(("phantom", "tiny", "bench", "r2gen", "abc")) == "r2gen"
+    assert _bench_system(("phantom", "tiny", "bench", "seed_2", "r2gen", "abc")) == "r2gen"
+    assert _bench_system(("phantom", "tiny", "finetune", "abc")) == ""
 
 
 def test_one_seed_says_which_claims_it_cannot_support(tmp_path):

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 PAPER_RESULTS = Path(__file__).resolve().parents[2] / "data_manifests" / "paper_results"
 TABLE1 = "table1_mrg_algorithms_chexpert_plus"
 PAPER_LABEL = "paper, CheXpert Plus"
+_METRIC_OF = {"CE-F1": "ce_f1", "BLEU-4": "bleu4"}      # bench.seeds.seed_cells' column labels -> metric keys
 
 
 def paper_table1(path: str | Path | None = None) -> pd.DataFrame:
@@ -54,8 +55,9 @@ def beside_paper(shown: pd.DataFrame, results: pd.DataFrame, table1: pd.DataFram
         algorithm = _paper_row(match.iloc[0], table1) if len(match) else None
         if algorithm is not None:
             paper = table1.loc[algorithm]
-            rows.append(pd.Series({k: f"<i>{float(paper[k]):.3f}</i>" if k in paper.index else ""
-                                   for k in shown.columns}))
+            keys = {k: _METRIC_OF.get(k, k) for k in shown.columns}     # the seed table's columns are labels
+            rows.append(pd.Series({k: f"<i>{float(paper[m]):.3f}</i>" if m in paper.index else ""
+                                   for k, m in keys.items()}))
             index.append(f"{algorithm} ({PAPER_LABEL})")
     return pd.DataFrame(rows, index=index, columns=shown.columns)
 
