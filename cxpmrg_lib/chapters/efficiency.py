@@ -50,7 +50,8 @@ OURS = ("compiled", "pytorch")     # ssm.py's C++ kernel (every stage's CPU path
 
 # ----------------------------------------------------------------------------- the machine
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's word for it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -79,7 +80,7 @@ def machine_summary() -> str:
         load = "unknown"
     from cxpmrg_lib.models.ssm_build import kernel_lanes
 
-    return (f"{_cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} with "
+    return (f"{cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}; compiled scan: "
             f"{kernel_lanes()}; load average {load} "
             "(other processes slow every system alike: the implementations are timed in turn, interleaved)")
@@ -209,7 +210,7 @@ def measure_encoder(smoke: bool = False, preset: str = "tiny", seed: int = 0, **
     settings = {**ENCODER_SETTINGS["smoke" if smoke else "default"], **overrides}
     result = benchmark_encoder(sizes=settings["sizes"], batch=settings["batch"], repeats=settings["repeats"],
                                preset=preset, seed=seed, statistic="min", min_seconds=0.0, warmup=1)
-    return {**result, "processor": _cpu_name()}
+    return {**result, "processor": cpu_name()}
 
 
 def encoder_table(result: dict) -> pd.DataFrame:

@@ -79,17 +79,6 @@ def git_state(repo: str | os.PathLike = REPO_ROOT) -> dict:
             "describe": git("log", "-1", "--format=%h %cs %s").strip(), "toplevel": top, "note": note}
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), or the platform's word for it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
     """Where the numbers were made: speed figures and float noise depend on it."""
     import torch
@@ -103,7 +92,9 @@ def machine() -> dict:
             "torch_interop_threads": torch.get_num_interop_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
             "cuda": torch.cuda.is_available(), "python": sys.version.split()[0]}
-    info["cpu_model"] = _cpu_model()
+    from cxpmrg_lib.chapters.efficiency import cpu_name
+
+    info["cpu_model"] = cpu_name()
     from cxpmrg_lib.models.ssm_build import build_flags, kernel_lanes
 
     info["kernel_build"] = " ".join(build_flags())      # a fixed ISA level per vector width (ssm_build)
