@@ -324,3 +324,12 @@ def test_the_queue_starts_one_row_of_each_shared_backbone_before_the_rows_that_l
     assert trained[cnn[1]:] == [(0, "r2gen"), (0, "r2gencmn"), (0, "promptmrg"), (0, "timer")]
     assert (1, "r2gen") in trained and trained.index((1, "r2gen")) < cnn[1]   # another dataset: its own backbone
     assert order[-3:] == [(0, "most-common"), (0, "nearest-neighbour"), (1, "most-common")]
+
+
+def test_a_row_hash_of_decimal_digits_is_read_as_text(tmp_path):
+    """A row hash is 12 hex digits; one made only of decimal digits was read back as a number, never matched
+    the protocol's hash again, and its row was redone at every run."""
+    pd.DataFrame({"system": ["most-common"], "name": ["Most common report"], "protocol": ["116482664981"],
+                  "ce_f1": [0.2]}).to_csv(tmp_path / "results.csv", index=False)
+    table = read_results(tmp_path)
+    assert table["protocol"].iloc[0] == "116482664981" and isinstance(table["protocol"].iloc[0], str)

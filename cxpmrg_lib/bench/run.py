@@ -29,10 +29,15 @@ RUNNERS = {**_BASE_RUNNERS, **mechanisms.RUNNERS}
 _TOKEN_KINDS = ("lm_swap", *mechanisms.TOKEN_KINDS)
 
 
+TEXT_COLUMNS = {"system": str, "name": str, "protocol": str}
+
+
 def read_results(path: str | Path) -> pd.DataFrame:
     """results.csv of a benchmark folder (or the file itself)."""
     path = Path(path)
-    table = pd.read_csv(path / "results.csv" if path.is_dir() else path)
+    # the row hash is text: read as a number, a hash of twelve decimal digits ("116482664981") never matched
+    # its row again and the row was redone at every run
+    table = pd.read_csv(path / "results.csv" if path.is_dir() else path, dtype=TEXT_COLUMNS)
     if "threads" not in table:            # rows written before the benchmark ran in workers
         table["threads"] = np.nan
     return table
@@ -79,7 +84,7 @@ def _row_hash(protocol: dict, system: System) -> str:
 
 
 def _append_row(path: Path, row: dict) -> pd.DataFrame:
-    table = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    table = pd.read_csv(path, dtype=TEXT_COLUMNS) if path.exists() else pd.DataFrame()
     if not table.empty:
         table = table[table["system"] != row["system"]]
     table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
