@@ -198,11 +198,12 @@ def supported(row, alpha: float = 0.05) -> bool:
 
 def _gap(row, metric: str) -> str:
     return (f"{LABELS.get(metric, metric)} gap {row['delta']:+.3f} [{row['lo']:+.3f}, {row['hi']:+.3f}], "
-            f"above in {int(row['a_above'])} of {int(row['seeds'])} seeds, Holm p = {_p(row['p_holm'])}")
+            f"above in {int(row['a_above'])} of {int(row['seeds'])} seeds, Holm p {_p(row['p_holm'])}")
 
 
 def _p(p: float) -> str:
-    return "n/a" if isinstance(p, float) and math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else "< 0.001")
+    """"= 0.123", "< 0.001" or "n/a"."""
+    return "n/a" if isinstance(p, float) and math.isnan(p) else (f"= {p:.3f}" if p >= 0.001 else "< 0.001")
 
 
 def claims(scores: SeedScores, table: pd.DataFrame, pairs: pd.DataFrame, metric: str = "ce_f1",
@@ -281,7 +282,7 @@ def _close_pairs(pairs: pd.DataFrame, table: pd.DataFrame, metric: str, alpha: f
         r = match.iloc[0] if match.iloc[0]["a"] == upper else _flip(match.iloc[0])
         if not supported(r, alpha):
             out.append(f"{upper} and {lower} (gap {r['delta']:+.3f}, above in {int(r['a_above'])} of "
-                       f"{int(r['seeds'])} seeds, Holm p = {_p(r['p_holm'])})")
+                       f"{int(r['seeds'])} seeds, Holm p {_p(r['p_holm'])})")
     return out
 
 
