@@ -498,7 +498,7 @@ def seed_spread(table: pd.DataFrame, keys: Sequence[str] = ("ce_f1", "bleu4", "d
     for ax, key in zip(axes, keys):
         data = long[long["metric"] == key]
         sns.stripplot(data=data, x="value", y="name", order=order, hue="seed", palette="crest", size=5, jitter=0.12,
-                      ax=ax, legend=key == keys[0], alpha=0.85)
+                      ax=ax, legend=key == keys[-1], alpha=0.85)
         means = table.loc[order, key].astype(float).to_numpy()
         rows = np.arange(len(order))
         if f"{key}_lo" in table:
@@ -509,8 +509,8 @@ def seed_spread(table: pd.DataFrame, keys: Sequence[str] = ("ce_f1", "bleu4", "d
         ax.set_ylabel("")
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(axis="y", labelsize=8)
-    if axes[0].get_legend() is not None:
-        axes[0].legend(title="training seed", fontsize=7, title_fontsize=7, loc="lower left")
+    if axes[-1].get_legend() is not None:     # the last panel's lower right: the floors sit at its left
+        axes[-1].legend(title="training seed", fontsize=7, title_fontsize=7, loc="lower right")
     fig.suptitle("Each training seed (points), the seed mean (black tick) and the 95% interval over seeds and "
                  "test studies (line)", fontsize=9)
     if note:
