@@ -96,9 +96,19 @@ def test_seed_k_lives_in_its_own_folder_and_seed_zero_where_it_always_did(tmp_pa
     assert dirs[0].name == "bench" and [d.name for d in dirs[1:]] == ["seed_1", "seed_2"]
     assert dirs[1].parent == dirs[0]
     assert config.training_seeds() == [0, 1, 2] and all(c.seeds == 1 for c in config.seed_configs())
+    # the generation speed is measured on the first seed's rows only, and that is no part of a row's protocol
+    assert [c.speed_studies for c in config.seed_configs()] == [config.speed_studies, 0, 0]
+    from types import SimpleNamespace
+
+    from cxpmrg_lib.bench.run import _speed
+
+    skipped = _speed(SimpleNamespace(model=object(), decoding=None), SYSTEMS["r2gen"], config.seed_configs()[1],
+                     SimpleNamespace(test=list(range(10))))
+    assert np.isnan(skipped["reports_per_s"]) and np.isnan(skipped["peak_mib"])
     # the number of seeds is not part of a row's protocol: seed 0's rows are those of a one-seed benchmark
     assert config.seed_configs()[0].protocol() == replace(config, seeds=1).protocol()
     assert config.seed_configs()[1].protocol() != config.seed_configs()[0].protocol()
+    assert config.seed_configs()[1].protocol() == replace(config, seed=1, seeds=1).protocol()
     with pytest.raises(ValueError, match="seeds"):
         BenchConfig(dataset_root=str(tmp_path), seeds=0)
 

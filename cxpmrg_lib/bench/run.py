@@ -50,6 +50,8 @@ def _speed(fitted: _Fitted, system: System, config: BenchConfig, data: _Data) ->
     n = min(config.speed_studies, len(data.test))
     if fitted.model is None:                # a constant report: nothing to run
         return {"reports_per_s": math.nan, "peak_mib": 0.0}
+    if n == 0:                              # not measured (a replicate seed: BenchConfig.seed_configs)
+        return {"reports_per_s": math.nan, "peak_mib": math.nan}
     if system.kind in _TOKEN_KINDS:
         studies = _FeatureSet(_stage2_tokens(config, data)["test"][:n], list(data.test.reports[:n]))
     else:
