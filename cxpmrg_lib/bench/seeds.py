@@ -104,9 +104,9 @@ def score_seeds(config: BenchConfig, results: pd.DataFrame | None = None, metric
     stats: dict[str, dict[int, object]] = {slug: {} for slug in names}
     ref_labels, references = None, None
     rows = list(zip(results["system"], results["seed"]))
+    folders = {c.seed: bench_dir(c) for c in config.seed_configs()}
     for slug, seed in tqdm(rows, desc="scoring the seeds", leave=False, disable=len(rows) < 8):
-        one = [c for c in config.seed_configs() if c.seed == seed][0]
-        frame = read_predictions(bench_dir(one) / "predictions" / f"{slug}.csv")
+        frame = read_predictions(folders[seed] / "predictions" / f"{slug}.csv")
         if references is None:
             references = frame["reference"].tolist()
         elif frame["reference"].tolist() != references:
@@ -148,33 +148,26 @@ def pair_table(scores: SeedScores, metric: str = "ce_f1") -> pd.DataFrame:
     """Every pair of systems over seeds and studies: the gap (a - b) of the seed means, its 95% interval, the
     two-sided p-value, Holm's adjustment over all the pairs of this table, and in how many seeds each side
     was above."""
-    from cxpmrg_lib.metrics.stats import holm
-
-    rows = []
-    for a, b in combinations(list(scores.names), 2):
-        t = scores.compare(a, b, metric)
-        rows.append({"a": scores.names[a], "b": scores.names[b], "slug_a": a, "slug_b": b, "seeds": t["seeds"],
-                     "delta": t["delta"], "lo": t["ci_delta"][0], "hi": t["ci_delta"][1], "p": t["p_value"],
-                     "a_above": t["a_above"], "b_above": t["b_above"]})
-    table = pd.DataFrame(rows)
-    if len(table):
-        table["p_holm"] = holm(table["p"].to_numpy())
-    return table
+    return _family(scores, list(combinations(list(scores.names), 2)), metric)
 
 
 def against(scores: SeedScores, other: str, metric: str = "ce_f1", slugs: list[str] | None = None) -> pd.DataFrame:
     """Each system (or `slugs`) against one system (the reference, the floor): the same columns as
     pair_table, a = each system, b = `other`, Holm's adjustment over this family."""
+    chosen = [s for s in (slugs or list(scores.names)) if s != other and s in scores.names]
+    return _family(scores, [(slug, other) for slug in chosen], metric)
+
+
+def _family(scores: SeedScores, pairs: list[tuple[str, str]], metric: str) -> pd.DataFrame:
+    """One family of tests (a, b): each comparison's row, and Holm's adjustment over the family."""
     from cxpmrg_lib.metrics.stats import holm
 
     rows = []
-    for slug in slugs or [s for s in scores.names if s != other]:
-        if slug == other or slug not in scores.names:
-            continue
-        t = scores.compare(slug, other, metric)
-        rows.append({"a": scores.names[slug], "b": scores.names[other], "slug_a": slug, "slug_b": other,
-                     "seeds": t["seeds"], "delta": t["delta"], "lo": t["ci_delta"][0], "hi": t["ci_delta"][1],
-                     "p": t["p_value"], "a_above": t["a_above"], "b_above": t["b_above"]})
+    for a, b in pairs:
+        t = scores.compare(a, b, metric)
+        rows.append({"a": scores.names[a], "b": scores.names[b], "slug_a": a, "slug_b": b, "seeds": t["seeds"],
+                     "delta": t["delta"], "lo": t["ci_delta"][0], "hi": t["ci_delta"][1], "p": t["p_value"],
+                     "a_above": t["a_above"], "b_above": t["b_above"]})
     table = pd.DataFrame(rows)
     if len(table):
         table["p_holm"] = holm(table["p"].to_numpy())
