@@ -3,6 +3,10 @@ torch-only stack, to run on two machines and diff (same commit, same torch, one 
 
     OMP_NUM_THREADS=1 python benchmarks/bits_digest.py > bits_$(hostname).txt    # ~1 minute with the build
     diff bits_machineA.txt bits_machineB.txt
+    diff <(grep -v '^#' benchmarks/bits/amd_epyc_zen5_avx512.txt) <(grep -v '^#' bits_$(hostname).txt)
+
+benchmarks/bits/ keeps the digests of the machines it has run on (one file each, the CPU in its first line), so
+that a session on another CPU diffs against them without that machine.
 
 Each line: an operation (forward, then its gradients), the sha256 of its float32 bytes (first 16 hex digits).
 Inputs come from a fixed seed, computed once and digested too (torch's randn itself is vectorised per CPU

@@ -133,6 +133,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     config = BenchConfig(**common, systems=systems, test_studies=a.test_studies, num_beams=a.beams,
                          lm_epochs=a.lm_epochs, n_boot=a.n_boot, redo=a.redo, jobs=a.jobs,
                          backbone_pretraining=a.backbone_pretraining, decoding_choice=a.decoding, seeds=a.seeds,
+                         seed_systems=system_slugs(a.seed_systems) or None,
                          **({"backbone_steps": a.backbone_steps} if a.backbone_steps is not None else {}))
     out = run_bench(config)
     table = read_results(out)
@@ -338,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training seeds per row (--seed, --seed + 1, ...; the data stay the same): each trained row "
                          "is trained this often, and the intervals and tests cover the seeds and the test studies "
                          "(the book uses 3; default 1)")
+    bn.add_argument("--seed-systems", default="",
+                    help="comma-separated slugs trained at every seed (the reference, mambaxray-vl, among them); the "
+                         "others train at the first seed only. Default: every system at every seed")
     bn.add_argument("--jobs", type=int, default=0,
                     help="systems trained side by side in worker processes; 0: one per CPU core (1 on cuda)")
     bn.set_defaults(func=_cmd_bench)

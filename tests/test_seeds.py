@@ -65,11 +65,12 @@ def test_a_gap_in_every_seed_is_significant_and_a_tie_is_not():
         compare_replicates(good, bad[:2], "ce_f1")
 
 
-def _fake_bench(run_root, seeds=3) -> BenchConfig:
+def _fake_bench(run_root, seeds=3, seed_systems=None) -> BenchConfig:
     """A benchmark's files for `seeds` training seeds, as run_bench writes them, without training:
     MambaXray-VL near the references, R2Gen as good (errors elsewhere), the ablation far below, the floor."""
     config = BenchConfig(dataset_root=str(run_root / "phantom"), dataset_kind="r2gen", run_root=str(run_root), seeds=seeds,
-                         n_boot=400)
+                         n_boot=400, systems=["mambaxray-vl", "r2gen", "mambaxray-vl-no-stage1", "most-common"],
+                         seed_systems=seed_systems)
     (run_root / "phantom").mkdir(parents=True, exist_ok=True)
     for one in config.seed_configs():
         k = one.seed
@@ -77,6 +78,7 @@ def _fake_bench(run_root, seeds=3) -> BenchConfig:
                  "r2gen": _with_errors({k + 3, k + 17, k + 31}),
                  "mambaxray-vl-no-stage1": _with_errors(set(range(k, 60, 2))),
                  "most-common": [REPORTS[0]] * 60}
+        preds = {slug: p for slug, p in preds.items() if slug in one.system_list()}
         out = bench_dir(one)
         (out / "predictions").mkdir(parents=True, exist_ok=True)
         for slug, p in preds.items():
@@ -195,3 +197,51 @@ def test_a_missing_seed_is_left_out_and_named(tmp_path):
     assert "fewer than the 3 seeds" in seed_note(replace(config, seeds=3), results)
     with pytest.raises(FileNotFoundError, match="run the benchmark first"):
         seed_results(replace(config, run_root=str(tmp_path / "nothing")))
+
+
+def test_rows_outside_seed_systems_train_at_the_first_seed_only_and_the_claims_say_so(tmp_path):
+    from cxpmrg_lib.bench.seeds import claims, pair_table, score_seeds, seed_note, seed_results, seed_table
+
+    keep = ["mambaxray-vl", "mambaxray-vl-no-stage1", "most-common"]
+    config = _fake_bench(tmp_path / "runs", seeds=3, seed_systems=keep)
+    assert [c.systems for c in config.seed_configs()][1:] == [keep, keep]   # in the benchmark's order
+    assert config.seed_configs()[0].system_list() == config.system_list()
+    assert config.single_seed() == ["r2gen"] and replace(config, seeds=1).single_seed() == []
+    # which rows replicate is no part of any row's protocol: seed 0's rows are those of every other setting
+    assert config.seed_configs()[0].protocol() == replace(config, seed_systems=None).seed_configs()[0].protocol()
+    results = seed_results(config)
+    assert results.groupby("system")["seed"].nunique().to_dict() == {
+        "mambaxray-vl": 3, "mambaxray-vl-no-stage1": 3, "most-common": 3, "r2gen": 1}
+    scores = score_seeds(config, results)
+    table = seed_table(scores, results)
+    assert table.loc["R2Gen", "seeds"] == 1 and np.isnan(table.loc["R2Gen", "ce_f1_sd"])
+    assert table.loc["MambaXray-VL", "seeds"] == 3
+    pairs = pair_table(scores)
+    assert set(pairs[(pairs["slug_a"] == "r2gen") | (pairs["slug_b"] == "r2gen")]["seeds"]) == {1}
+    text = claims(scores, table, pairs)
+    assert "MambaXray-VL > MambaXray-VL w/o stage 1: **holds**" in text    # the replicated rows keep their tests
+    r2gen_pair = [line for line in text.splitlines() if "R2Gen and" in line or "and R2Gen" in line]
+    assert all("above in 1 of 1 seeds" in line or "1 of 1" in line for line in r2gen_pair)
+    note = seed_note(config, results)
+    assert "first seed only" in note and "R2Gen" in note and "fewer than" not in note
+    with pytest.raises(ValueError, match="reference"):
+        replace(config, seed_systems=["r2gen"])
+    with pytest.raises(ValueError, match="unknown"):
+        replace(config, seed_systems=["mambaxray-vl", "nope"])
+
+
+def test_the_note_says_when_a_one_seed_baseline_outranks_a_replicated_one(tmp_path):
+    from cxpmrg_lib.bench.seeds import seed_note
+
+    config = BenchConfig(dataset_root=str(tmp_path), dataset_kind="r2gen", seeds=3,
+                         systems=["mambaxray-vl", "r2gen", "transformer", "timer"],
+                         seed_systems=["mambaxray-vl", "r2gen"])
+    rows = [("mambaxray-vl", s, 0.5) for s in (0, 1, 2)] + [("r2gen", s, 0.6) for s in (0, 1, 2)]
+    results = pd.DataFrame(rows + [("transformer", 0, 0.4), ("timer", 0, 0.7)], columns=["system", "seed", "ce_f1"])
+    results["name"] = [SYSTEMS[s].name for s in results["system"]]
+    note = seed_note(config, results)
+    assert "Transformer" in note and "first seed only" in note
+    assert "TIMER-style" in note.split("scored above")[0] and "0.700 against 0.600" in note
+    below = results[results["system"] != "timer"]
+    assert "every one of them scored below" in seed_note(replace(config, systems=["mambaxray-vl", "r2gen",
+                                                                                   "transformer"]), below)

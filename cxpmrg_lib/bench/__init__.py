@@ -30,7 +30,7 @@ intervals and paired tests over seeds and studies, Holm's correction, the claims
 from cxpmrg_lib.bench.config import (ALL, BACKBONE_PRETRAINING, SMOKE_BUDGET, SMOKE_SECOND_SYSTEMS, SMOKE_SYSTEMS,
                                      BenchConfig, bench_dir, for_dataset, notebook_config, seed_dirs, system_slugs)
 from cxpmrg_lib.bench.run import read_results, run_bench, run_benches
-from cxpmrg_lib.bench.systems import DEFAULT_SYSTEMS, FROM_SCRATCH_LR, REFERENCE, SYSTEMS, System
+from cxpmrg_lib.bench.systems import BOOK_SEED_SYSTEMS, DEFAULT_SYSTEMS, FROM_SCRATCH_LR, REFERENCE, SYSTEMS, System
 from cxpmrg_lib.bench.tables import (backbone_steps_table, beside_paper, cost_table, encoder_spread, pairwise_pvalues,
                                      paper_table1, per_label_f1, plain_summary, ranked_table, report_diversity)
 
@@ -38,7 +38,7 @@ from cxpmrg_lib.bench.seeds import (SeedScores, claims, pair_table, read_seed_ta
                                     seed_cells, seed_long, seed_note, seed_results, seed_spread_summary, seed_table)
 
 __all__ = ["seed_dirs", "SeedScores", "read_seed_tables", "save_seed_table", "claims", "pair_table", "score_seeds", "seed_cells", "seed_long", "seed_note",
-           "seed_results", "seed_spread_summary", "seed_table", "backbone_steps_table", "encoder_spread", "SYSTEMS", "DEFAULT_SYSTEMS", "SMOKE_SYSTEMS", "notebook_config",
+           "seed_results", "seed_spread_summary", "seed_table", "backbone_steps_table", "encoder_spread", "SYSTEMS", "DEFAULT_SYSTEMS", "BOOK_SEED_SYSTEMS", "SMOKE_SYSTEMS", "notebook_config",
            "for_dataset", "FROM_SCRATCH_LR", "System", "BenchConfig", "run_bench", "run_benches", "bench_dir", "read_results",
            "ranked_table", "per_label_f1", "pairwise_pvalues", "plain_summary", "report_diversity", "REFERENCE",
            "BACKBONE_PRETRAINING", "SMOKE_BUDGET", "SMOKE_SECOND_SYSTEMS", "ALL", "system_slugs", "beside_paper",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxpmrg_lib.bench.systems import DEFAULT_SYSTEMS, SYSTEMS
+from cxpmrg_lib.bench.systems import BOOK_SEED_SYSTEMS, DEFAULT_SYSTEMS, REFERENCE, SYSTEMS
 from cxpmrg_lib.presets import BACKBONE_STEPS, PROJECTION_LR, get_preset
 from cxpmrg_lib.runs import dataset_dir
 from cxpmrg_lib.stages.common import StageConfig
@@ -50,6 +50,9 @@ class BenchConfig(StageConfig):
     # Not in the protocol: seed 0's rows keep their hashes and folders (bench_dir), and a benchmark with more
     # seeds reuses those of fewer.
     seeds: int = 1
+    # The systems trained at every training seed; the others train at the first seed only (their rows carry one
+    # seed, and the seed table and the claims say so). None: every system at every seed. Not in the protocol.
+    seed_systems: list[str] | None = None
 
     preset_defaults = "stage3"
 
@@ -60,9 +63,13 @@ class BenchConfig(StageConfig):
                              f"not {self.backbone_pretraining!r}")
         if self.decoding_choice not in DECODING_CHOICES:
             raise ValueError(f"decoding_choice must be one of {DECODING_CHOICES}, not {self.decoding_choice!r}")
+        if self.seed_systems is not None and REFERENCE not in self.seed_systems:
+            raise ValueError(f"seed_systems must hold the reference {REFERENCE!r}: every row is tested against "
+                             "it in every seed")
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"seeds must be a whole number of at least 1, not {self.seeds!r}")
-        unknown = [s for s in list(self.systems or []) + list(self.redo) if s not in SYSTEMS]
+        unknown = [s for s in list(self.systems or []) + list(self.redo) + list(self.seed_systems or [])
+                   if s not in SYSTEMS]
         if unknown:
             raise ValueError(f"unknown system(s) {unknown}; known: {list(SYSTEMS)}")
 
@@ -77,8 +84,21 @@ class BenchConfig(StageConfig):
         per row. `speed_studies` is not in the protocol, so this changes no row."""
         from dataclasses import replace
 
-        return [replace(self, seed=s, seeds=1, **({} if k == 0 else {"speed_studies": 0}))
+        return [replace(self, seed=s, seeds=1, **({} if k == 0 else {"speed_studies": 0, "systems": self.replicated()}))
                 for k, s in enumerate(self.training_seeds())]
+
+    def system_list(self) -> list[str]:
+        """The slugs this benchmark runs, in order (`systems`, or DEFAULT_SYSTEMS)."""
+        return list(self.systems or DEFAULT_SYSTEMS)
+
+    def replicated(self) -> list[str]:
+        """The systems trained at every training seed (seed_systems, in the benchmark's order)."""
+        keep = set(self.seed_systems) if self.seed_systems is not None else None
+        return [s for s in self.system_list() if keep is None or s in keep]
+
+    def single_seed(self) -> list[str]:
+        """The systems trained at the first seed only (empty with one seed, or when every system replicates)."""
+        return [] if self.seeds < 2 else [s for s in self.system_list() if s not in self.replicated()]
 
     def decoding(self) -> dict:
         return {"num_beams": self.num_beams, "repetition_penalty": self.repetition_penalty,
@@ -134,11 +154,13 @@ def notebook_config(dataset_root: str, dataset_kind: str = "auto", loader: dict 
                     run_root: str = "runs", seed: int = 0, device: str = "cpu", systems: str | list | None = "",
                     epochs: float = 0, lm_epochs: float = 0, smoke: bool = False, jobs: int = 0,
                     backbone_pretraining: str = "labels", decoding_choice: str = "validation",
-                    backbone_steps: int = BACKBONE_STEPS, seeds: int = 1) -> BenchConfig:
+                    backbone_steps: int = BACKBONE_STEPS, seeds: int = 1,
+                    seed_systems: str | list | None = "all") -> BenchConfig:
     """The benchmark of the notebooks' parameters (04_benchmark runs it, 06_explore reads the same folder).
     `systems`: comma-separated slugs or a list, or "all" (every registered system); empty: the default list
     (the smoke list in a smoke run). `seeds`: training seeds per row (seed, seed + 1, ...; the phantom's data
-    seed is `seed` whatever their number)."""
+    seed is `seed` whatever their number). `seed_systems`: the systems trained at every seed ("all": every
+    system; "default": BOOK_SEED_SYSTEMS; or slugs), the others at the first seed only."""
     chosen = system_slugs(systems)
     if smoke and not chosen:
         chosen = list(SMOKE_SYSTEMS)
@@ -147,7 +169,17 @@ def notebook_config(dataset_root: str, dataset_kind: str = "auto", loader: dict 
     return BenchConfig(dataset_root=dataset_root, dataset_kind=dataset_kind, preset=preset, run_root=run_root,
                        seed=seed, device=device, loader=loader or {}, systems=chosen or None, jobs=jobs,
                        backbone_pretraining=backbone_pretraining, decoding_choice=decoding_choice, seeds=int(seeds),
-                       **budget)
+                       seed_systems=seed_system_slugs(seed_systems), **budget)
+
+
+def seed_system_slugs(seed_systems: str | list | None) -> list[str] | None:
+    """BenchConfig.seed_systems of a notebook parameter: "all" (or empty) None, every system at every seed;
+    "default" the book's list (BOOK_SEED_SYSTEMS); else comma-separated slugs or a list."""
+    if seed_systems in (None, "", ALL, [ALL]):
+        return None
+    if seed_systems == "default":
+        return list(BOOK_SEED_SYSTEMS)
+    return system_slugs(seed_systems)
 
 
 # The smoke run's systems on a second dataset (the iu-phantom of 04_benchmark).

@@ -15,7 +15,7 @@ import torch
 from cxpmrg_lib.bench.config import BenchConfig, bench_dir
 from cxpmrg_lib.bench import mechanisms
 from cxpmrg_lib.bench.runners import RUNNERS as _BASE_RUNNERS, _FeatureSet, _mamba_config, _stage2_tokens
-from cxpmrg_lib.bench.systems import DEFAULT_SYSTEMS, REFERENCE, SYSTEMS, System
+from cxpmrg_lib.bench.systems import REFERENCE, SYSTEMS, System
 from cxpmrg_lib.bench.training import _Data, _Fitted, _lm_epochs, _load_data, _report_lm_call, _stage2_call
 from cxpmrg_lib.runs import config_hash, dataset_dir
 from cxpmrg_lib.stages.decoding import describe_decoding
@@ -188,7 +188,7 @@ class _Pending:
 
     def __init__(self, config: BenchConfig):
         self.config = config
-        slugs = list(config.systems or DEFAULT_SYSTEMS)
+        slugs = config.system_list()
         self.out = bench_dir(config)
         (self.out / "predictions").mkdir(parents=True, exist_ok=True)
         protocol = config.protocol()

@@ -214,8 +214,8 @@ def claims(scores: SeedScores, table: pd.DataFrame, pairs: pd.DataFrame, metric:
     tied = [] if not len(pairs) else [
         (r["b"] if r["a"] == best else r["a"]) for _, r in pairs.iterrows()
         if best in (r["a"], r["b"]) and not supported(r if r["a"] == best else _flip(r), alpha)]
-    lines.append(f"- Highest mean {label}: **{best}** ({table.loc[best, metric]:.3f} over {int(table.loc[best, 'seeds'])} "
-                 f"seeds)" + (f"; not separated from it within the noise: {', '.join(tied)}." if tied
+    lines.append(f"- Highest mean {label}: **{best}** ({table.loc[best, metric]:.3f} over "
+                 f"{_seeds(table.loc[best, 'seeds'])})" + (f"; not separated from it within the noise: {', '.join(tied)}." if tied
                               else "; every other row is below it in every seed, by a Holm-corrected test."))
     if REFERENCE in scores.names:
         ablations = [s for s in scores.names if s != REFERENCE and SYSTEMS.get(s) is not None
@@ -252,6 +252,10 @@ def claims(scores: SeedScores, table: pd.DataFrame, pairs: pd.DataFrame, metric:
                      f"(per seed: {', '.join(str(c) for c in counts)}): "
                      + ("collapsed in every seed." if k == len(counts) else "whether it collapses depends on the seed."))
     return "\n".join(lines)
+
+
+def _seeds(n) -> str:
+    return f"{int(n)} seed{'s' if int(n) != 1 else ''}"
 
 
 def _flip(row) -> pd.Series:
@@ -312,14 +316,45 @@ def seed_long(table: pd.DataFrame, metrics=SEED_METRICS) -> pd.DataFrame:
 
 
 def seed_note(config: BenchConfig, results: pd.DataFrame) -> str:
-    """Which rows have fewer seeds than asked for, in a sentence (empty when all have them all)."""
+    """Which rows have fewer seeds than asked for, and why, in sentences (empty when all have them all): those
+    the benchmark trains at the first seed only (BenchConfig.seed_systems), and any seed not run yet."""
     asked = config.seeds
-    counts = results.groupby("name")["seed"].nunique()
-    short = counts[counts < asked]
-    if short.empty:
+    counts = results.groupby("system")["seed"].nunique()
+    names = dict(zip(results["system"], results["name"]))
+    by_design = [s for s in config.single_seed() if s in counts.index]
+    short = [s for s in counts.index if counts[s] < asked and s not in by_design]
+    out = []
+    if by_design:
+        out.append(f"Trained at the first seed only, to hold the time budget (`seed_systems`): "
+                   + ", ".join(names[s] for s in by_design) + ". Their rows carry one seed: no claim about them "
+                   "is tested against the training noise.")
+        out.append(_outranked(config, results, by_design, names))
+    if short:
+        out.append(f"Rows with fewer than the {asked} seeds asked for: "
+                   + ", ".join(f"{names[s]} ({counts[s]})" for s in short) + ".")
+    return " ".join(o for o in out if o)
+
+
+BASELINE_FAMILIES = ("encoder-decoder", "frozen LM")
+
+
+def _outranked(config: BenchConfig, results: pd.DataFrame, single: list[str], names: dict, metric: str = "ce_f1") -> str:
+    """Whether a baseline kept at one seed scored above a baseline trained at every seed, at the first seed
+    (the replicated baselines are meant to be the best ones): a sentence naming them, or where none did."""
+    first = results[results["seed"] == config.seed].set_index("system")[metric].astype(float)
+    baselines = [s for s in first.index if s in SYSTEMS and SYSTEMS[s].family in BASELINE_FAMILIES]
+    kept = [s for s in baselines if s not in single]
+    if not kept or not any(s in baselines for s in single):
         return ""
-    return (f"Rows with fewer than the {asked} seeds asked for: "
-            + ", ".join(f"{n} ({c})" for n, c in short.items()) + ".")
+    floor = min(first[s] for s in kept)
+    above = [s for s in single if s in baselines and first[s] > floor]
+    label = LABELS.get(metric, metric)
+    if not above:
+        return (f"At the first seed every one of them scored below each trained baseline that has all seeds "
+                f"({label}).")
+    return (f"At the first seed, {', '.join(names[s] for s in above)} scored above a baseline that has all seeds "
+            f"({label} {', '.join(f'{first[s]:.3f}' for s in above)} against {floor:.3f}): its rank among the "
+            f"baselines is not tested against the training noise.")
 
 
 def seed_spread_summary(table: pd.DataFrame, metric: str = "ce_f1") -> dict:
