@@ -151,3 +151,39 @@ def test_report_generator_from_released_files(files, llm_dir, tmp_path):
     assert images.shape == (1, 2, 3, 32, 32) and mask.all()
     report = gen.generate(paths, num_beams=1, min_new_tokens=3, max_new_tokens=5)
     assert report == gen.model.generate(images, mask, num_beams=1, min_new_tokens=3, max_new_tokens=5)[0]
+
+
+def test_our_report_model_exported_to_the_released_formats_gives_the_same_reports(files, llm_dir, tmp_path):
+    """Part 4's round trip: one of our stage-3 models with the released encoder -> stage2.pth, stage3.pth, llm/
+    -> the released model: the same prompt embeddings, logits and reports."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cxpmrg_lib.models.released import load_encoder
+    from cxpmrg_lib.models.report_generator import ReportModel
+    from cxpmrg_lib.models.report_lm import VisualPrefixLM
+    from cxpmrg_lib.stages.export import export_released
+
+    s2, _, _, _ = files
+    torch.manual_seed(1)
+    lm = AutoModelForCausalLM.from_pretrained(llm_dir, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
+    head = VisualPrefixLM(lm, tok, 32)
+    with torch.no_grad():
+        for p in (*head.proj.parameters(), *head.proj_norm.parameters()):
+            p.add_(0.1 * torch.randn_like(p))
+    ours = ReportModel(load_encoder(s2), head).eval()
+    out = export_released(ours, tmp_path / "released")
+    theirs = load_released_report_model(out / "stage3.pth", out / "llm", stage2=out / "stage2.pth")
+    views = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        from cxpmrg_lib.models.vision_mamba import study_tokens
+        ours_embeds = head._prefix_embeds(study_tokens(ours.encoder, views))
+        torch.testing.assert_close(theirs.prompt_embeds(views), ours_embeds, rtol=0, atol=0)
+    decoding = dict(num_beams=3, min_new_tokens=6, max_new_tokens=9, repetition_penalty=2.0, length_penalty=2.0)
+    reports = theirs.generate(views, **decoding)
+    assert ours.generate(views, **decoding, no_repeat_ngram_size=0) == reports
+    assert all(len(r.split()) >= 3 for r in reports), reports
+    with pytest.raises(ValueError, match="arch='released'"):
+        from cxpmrg_lib.models.vision_mamba import EncoderConfig, VisionMamba
+        export_released(ReportModel(VisionMamba(EncoderConfig(image_size=32, patch_size=8, dim=32, depth=1)), head),
+                        tmp_path / "no")

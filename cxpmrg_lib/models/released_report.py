@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxpmrg_lib.models.released import ReleasedCheckpointError, from_released_names, load_encoder, read_released
+from cxpmrg_lib.models.released import (ReleasedCheckpointError, from_released_names, load_encoder, read_released,
+                                       to_released_names)
 from cxpmrg_lib.models.vision_mamba import VisionMamba, study_tokens
 
-__all__ = ["ReleasedReportModel", "load_released_report_model", "PROMPT", "RELEASED_DECODING", "SWIN_MEAN",
+__all__ = ["ReleasedReportModel", "load_released_report_model", "released_checkpoints", "PROMPT", "RELEASED_DECODING", "SWIN_MEAN",
            "SWIN_STD", "released_pixels"]
 
 logger = logging.getLogger(__name__)
@@ -183,3 +184,27 @@ def load_released_report_model(stage3: str | os.PathLike, llm_dir: str | os.Path
         raise ReleasedCheckpointError(f"{name3}: llama_proj gives {width} features, the LM in {llm_dir} takes "
                                       f"{lm.get_input_embeddings().weight.shape[1]}")
     return ReleasedReportModel(encoder, llama_proj, layer_norm, lm, tokenizer, bos_token_id).eval()
+
+
+def released_checkpoints(model) -> tuple[dict, dict]:
+    """(stage-2 file, stage-3 file) objects for `torch.save` of one of our report models (`ReportModel`: an
+    encoder with `arch="released"` and 4-way scans, a `VisualPrefixLM` head with the released prompt and a
+    frozen LM without adapters), in the released layouts: stage 2 `{"model": visual_encoder.*, ...}` (the
+    encoder only: our stage 2's text side is not the released one), stage 3 the same plus `llama_proj.*` (our
+    head's `proj`) and `layer_norm.*` (its `proj_norm`). `load_released_report_model` reads them back."""
+    enc, head = model.encoder, model.head
+    cfg = enc.config
+    if cfg.arch != "released" or not cfg.class_token:
+        raise ValueError("only an encoder built with EncoderConfig(arch='released', scan='4-way') has the released "
+                         f"layout; this one is arch={cfg.arch!r}, scan={cfg.scan!r}")
+    if getattr(head, "prompt", None) != PROMPT:
+        raise ValueError(f"the released stage 3 prompts with {PROMPT!r}; this model with {head.prompt!r}")
+    if any("lora_" in n for n, _ in head.lm.named_parameters()):
+        raise ValueError("the released stage 3 keeps its LM frozen without adapters; this model's LM has LoRA ones")
+    visual = {"visual_encoder." + k: v.detach().float().cpu().clone()
+              for k, v in to_released_names(enc.state_dict()).items()}
+    head_state = {"llama_proj.weight": head.proj.weight, "llama_proj.bias": head.proj.bias,
+                  "layer_norm.weight": head.proj_norm.weight, "layer_norm.bias": head.proj_norm.bias}
+    head_state = {k: v.detach().float().cpu().clone() for k, v in head_state.items()}
+    meta = {"config": {"exported_by": "cxpmrg_lib", "encoder": cfg.to_dict()}, "epoch": 0, "step": 0}
+    return {"model": dict(visual), **meta}, {"model": {**visual, **head_state}, **meta}
