@@ -30,7 +30,7 @@ def released_state(dim=32, depth=2, grid=4, patch=8, d_state=8, four_way=True, h
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).float()
+        return torch.randn(*shape, generator=g) * scale
 
     r = dt_rank or math.ceil(dim / 16)
     hidden = hidden or dim * 4 * 2 // 3

@@ -304,7 +304,8 @@ class MambaMixer(nn.Module):
     def _held_column_order(self, length: int, device=None) -> torch.Tensor:
         """The released column order: the tokens other than L//2 (row-major over the grid) transposed, and
         token L//2 put back at position L//2. Transposing a square grid is its own inverse, so the released
-        code's way back (take L//2 out, transpose, put it back) is this order's inverse permutation."""
+        code's way back (take L//2 out, transpose, put it back) is this order's inverse permutation. L//2 is the
+        class token's place (M//2) for an even grid; for an odd one it is the patch after it, as there."""
         if self.grid is None or self.grid ** 2 + 1 != length:
             raise ValueError(f"the released column scans need the grid's tokens and a class token; got {length} "
                              f"tokens for grid {self.grid}")
