@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from cxpmrg_lib.models.vision_mamba import RELEASED_DIRECTIONS, EncoderConfig, VisionMamba
+from cxpmrg_lib.util.errors import DataError
 
 __all__ = ["load_encoder", "read_released", "stage1_to_stage2", "to_released_names", "from_released_names",
            "released_config", "ReleasedCheckpointError", "RELEASED_NAMES", "STAGE1_EXTRAS", "STAGE2_EXTRAS",
@@ -52,8 +53,9 @@ _VISUAL = "visual_encoder."
 _STAGE1_NORM = "norm_4."          # the norm the stage-1 decoder reads the last block's output through
 
 
-class ReleasedCheckpointError(ValueError):
-    """A released checkpoint that does not hold what its stage's encoder needs (or holds more)."""
+class ReleasedCheckpointError(DataError):
+    """A released checkpoint that does not hold what its stage's encoder needs (or holds more); a DataError (a
+    ValueError) that names the file, so that the command line reports it in one line."""
 
 
 def to_released_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -114,9 +116,13 @@ def read_released(source) -> tuple[dict[str, torch.Tensor], str]:
         if not Path(source).is_file():
             raise FileNotFoundError(f"no released checkpoint at {name}")
         try:
-            obj = torch.load(source, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:   # the files' "args"/"config" objects: read them as stand-ins
-            obj = torch.load(source, map_location="cpu", weights_only=False, pickle_module=_LenientPickle)
+            try:
+                obj = torch.load(source, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:   # the files' "args"/"config" objects: read them as stand-ins
+                obj = torch.load(source, map_location="cpu", weights_only=False, pickle_module=_LenientPickle)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as e:
+            raise ReleasedCheckpointError(f"{name}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

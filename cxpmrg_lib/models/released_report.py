@@ -29,9 +29,10 @@ from torch import nn
 from cxpmrg_lib.models.released import (ReleasedCheckpointError, from_released_names, load_encoder, read_released,
                                        to_released_names)
 from cxpmrg_lib.models.vision_mamba import VisionMamba, study_tokens
+from cxpmrg_lib.util.errors import DataError
 
-__all__ = ["ReleasedReportModel", "load_released_report_model", "released_checkpoints", "PROMPT", "RELEASED_DECODING", "SWIN_MEAN",
-           "SWIN_STD", "released_pixels"]
+__all__ = ["ReleasedReportModel", "load_released_report_model", "released_checkpoints", "check_causal_lm_dir", "PROMPT",
+           "RELEASED_DECODING", "IU_DECODING", "SWIN_MEAN", "SWIN_STD", "released_pixels"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ PROMPT = ("Human: <Img><ImageHere></Img> Generate a comprehensive and detailed d
           "xray image. \nAssistant:")
 RELEASED_DECODING = dict(num_beams=3, min_new_tokens=80, max_new_tokens=120, repetition_penalty=2.0,
                          length_penalty=2.0)
+# The released IU X-Ray script: beam 5, 40-100 new tokens, the same penalties.
+IU_DECODING = dict(num_beams=5, min_new_tokens=40, max_new_tokens=100, repetition_penalty=2.0, length_penalty=2.0)
 # The Swin image processor's normalisation (microsoft/swin-base-patch4-window7-224: ImageNet mean and std).
 SWIN_MEAN = (0.485, 0.456, 0.406)
 SWIN_STD = (0.229, 0.224, 0.225)
@@ -142,6 +145,28 @@ def _stage3_parts(path, dim: int) -> tuple[dict, dict]:
     return visual, head
 
 
+def check_causal_lm_dir(llm_dir: str | os.PathLike) -> Path:
+    """`llm_dir` if it is a local transformers folder of a causal LM (config.json naming a model type that
+    AutoModelForCausalLM builds); else FileNotFoundError or a DataError naming the folder."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    llm_dir = Path(llm_dir)
+    if not llm_dir.is_dir():
+        raise FileNotFoundError(f"no LLM folder at {llm_dir}")
+    if not (llm_dir / "config.json").is_file():
+        raise DataError(f"{llm_dir}: not a transformers model folder (no config.json); give the folder of a "
+                        "causal LM (Llama-2-7b-chat, Qwen1.5-1.8B-Chat) saved with save_pretrained")
+    try:
+        config = AutoConfig.from_pretrained(llm_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{llm_dir / 'config.json'}: not a transformers model config ({e})") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise DataError(f"{llm_dir}: a {config.model_type!r} model, not a causal LM that AutoModelForCausalLM "
+                        "loads (the released stage 3 needs Llama-2 or Qwen)")
+    return llm_dir
+
+
 def load_released_report_model(stage3: str | os.PathLike, llm_dir: str | os.PathLike,
                                stage2: str | os.PathLike | None = None, lm_dtype: torch.dtype = torch.float32,
                                use_fast: bool | None = None, bos_token_id: int | None = None) -> ReleasedReportModel:
@@ -152,6 +177,7 @@ def load_released_report_model(stage3: str | os.PathLike, llm_dir: str | os.Path
     folder has one, else the fast one (logged)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    llm_dir = check_causal_lm_dir(llm_dir)            # before the checkpoints: a wrong folder fails at once
     state3, name3 = read_released(stage3)
     encoder = load_encoder(stage2) if stage2 is not None else load_encoder({k: v for k, v in state3.items()
                                                                              if k.startswith("visual_encoder.")})
@@ -174,7 +200,6 @@ def load_released_report_model(stage3: str | os.PathLike, llm_dir: str | os.Path
         llama_proj.bias.copy_(head["llama_proj.bias"])
         layer_norm.weight.copy_(head["layer_norm.weight"])
         layer_norm.bias.copy_(head["layer_norm.bias"])
-    llm_dir = Path(llm_dir)
     if use_fast is None:
         use_fast = not any((llm_dir / f).is_file() for f in ("tokenizer.model", "spiece.model"))
         logger.info("released report model: the %s tokenizer of %s", "fast" if use_fast else "slow", llm_dir)
