@@ -66,6 +66,21 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_released(a: argparse.Namespace) -> int:
+    from cxpmrg_lib.metrics.evaluate import format_evaluation
+    from cxpmrg_lib.stages.released_eval import ReleasedEvalConfig, evaluate_released
+
+    decoding = {"num_beams": a.beams, "min_new_tokens": a.min_new_tokens, "max_new_tokens": a.max_new_tokens}
+    out = evaluate_released(ReleasedEvalConfig(
+        stage3=a.stage3, stage2=a.stage2, llm_dir=a.lm, dataset_root=a.dataset_root, out=a.out, kind=a.kind,
+        split=a.split, limit=a.limit, device=a.device, profile=a.profile, decoding=decoding,
+        batch_size=a.batch_size, lm_dtype=a.lm_dtype, n_boot=a.n_boot, seed=a.seed, meteor=not a.no_meteor))
+    print(f"released model, {out['profile']} profile: {out['row']['decoding']}")
+    print(format_evaluation(out["metrics"]))
+    print(f"predictions: {out['predictions']}; row: {out['out'] / 'results.csv'}")
+    return 0
+
+
 # ------------------------------------------------------------------------ pretrain
 def _stage_common(a: argparse.Namespace) -> dict:
     """The StageConfig fields every stage command takes; writes the phantom when no --dataset-root."""
@@ -297,6 +312,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level of the CIs (default 0.05)")
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=_cmd_evaluate)
+
+    # evaluate-released
+    er = sub.add_parser("evaluate-released",
+                        help="score the paper's released MambaXray-VL checkpoints on a dataset split (CPU or GPU, "
+                             "no mamba-ssm build)")
+    er.add_argument("--stage3", required=True, help="the released stage-3 (fine-tuned) checkpoint, e.g. "
+                    "Mimic-Finetune-B .pth")
+    er.add_argument("--stage2", default=None, help="the released stage-2 (MambaXrayCLIP) checkpoint it started from "
+                    "(default: the stage-3 file's own encoder, which holds all of it)")
+    er.add_argument("--lm", required=True, help="a local transformers causal-LM folder: Llama-2-7b-chat-hf "
+                    "(MIMIC, CheXpert Plus) or Qwen1.5-1.8B-Chat (IU X-Ray)")
+    er.add_argument("--dataset-root", required=True, help="dataset tree (CheXpert Plus layout or R2Gen annotation tree)")
+    er.add_argument("--kind", default="auto", help="auto | chexpert_plus | r2gen")
+    er.add_argument("--split", default="test", choices=["train", "val", "test"], help="default: test")
+    er.add_argument("--limit", type=int, default=None, help="only the first N studies of the split")
+    er.add_argument("--out", type=Path, default=Path("runs/released"),
+                    help="folder of predictions/<system>.csv, its .metrics.json and results.csv (default %(default)s)")
+    er.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    er.add_argument("--profile", default="auto", choices=["auto", "default", "iu"],
+                    help="the released decoding: default = beam 3, 80-120 new tokens; iu = beam 5, 40-100; both "
+                         "repetition and length penalty 2.0; auto (default): iu for an IU X-Ray tree")
+    er.add_argument("--beams", type=int, default=None, help="override the profile's beam size")
+    er.add_argument("--min-new-tokens", type=int, default=None, help="override the profile's minimum")
+    er.add_argument("--max-new-tokens", type=int, default=None, help="override the profile's maximum")
+    er.add_argument("--batch-size", type=int, default=4, help="studies generated together (default 4)")
+    er.add_argument("--lm-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                    help="the LLM's dtype; auto: float16 on a GPU (as released), float32 on the CPU")
+    er.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
+    er.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
+    er.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    er.set_defaults(func=_cmd_evaluate_released)
 
     # pretrain
     pt = sub.add_parser("pretrain", help="run a pre-training stage (cached by config hash in the run folder)")

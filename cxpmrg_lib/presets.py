@@ -14,7 +14,7 @@ from cxpmrg_lib.models.report_lm import ReportLMConfig
 from cxpmrg_lib.models.text_encoder import TextEncoderConfig
 from cxpmrg_lib.models.vision_mamba import EncoderConfig
 
-__all__ = ["Preset", "PRESETS", "get_preset", "STAGE3_STEPS", "REPORT_LM_STEPS", "PROJECTION_LR", "VALIDATIONS",
+__all__ = ["Preset", "PRESETS", "get_preset", "RELEASED_ENCODERS", "released_encoder", "STAGE3_STEPS", "REPORT_LM_STEPS", "PROJECTION_LR", "VALIDATIONS",
            "BACKBONE_STEPS"]
 
 # The report-generation budget of the tiny preset, shared by every trained system of the benchmark.
@@ -115,3 +115,19 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
+
+
+# The released MambaXray-VL encoders (`EncoderConfig(arch="released")`, `models.released` loads their weights):
+# stages 2-3 at 224 px, RGB, 4-way with the middle class token; stage 1 at 192 px, one way. Architectures only
+# (no training budgets): the study's presets above are unchanged.
+RELEASED_ENCODERS: dict[str, dict[str, int]] = {"base": dict(dim=768, depth=12), "large": dict(dim=1024, depth=24)}
+
+
+def released_encoder(name: str, stage: int = 2) -> EncoderConfig:
+    """The released `arm_base_pz16` / `arm_large_pz16` encoder of stage 1 (192 px, 1-way) or 2-3 (224 px, 4-way)."""
+    if name not in RELEASED_ENCODERS:
+        raise ValueError(f"unknown released encoder {name!r}; choose one of {sorted(RELEASED_ENCODERS)}")
+    if stage not in (1, 2, 3):
+        raise ValueError(f"stage must be 1, 2 or 3, not {stage!r}")
+    return EncoderConfig(arch="released", image_size=192 if stage == 1 else 224, patch_size=16, in_chans=3,
+                         scan="1-way" if stage == 1 else "4-way", **RELEASED_ENCODERS[name])

@@ -50,7 +50,9 @@ class ARMConfig:
         return self.cluster ** 2
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["encoder"] = self.encoder.to_dict()   # leaves out the encoder fields still at their old defaults
+        return d
 
 
 def cluster_order(grid: int, cluster: int = 4) -> torch.Tensor:

@@ -7,6 +7,16 @@ dt_proj, A_log, D, out_proj) so one state dict serves the CPU scan and the CUDA
 kernel. Stage 1 scans one way (a causal sequence, which the autoregressive head
 needs); stages 2-3 scan four ways (rows forward/backward, columns forward/backward)
 with the extra directions' weights copied from the 1-way ones (`expand_to_four_way`).
+
+`EncoderConfig(arch="released")` builds instead the encoder of the released MambaXray-VL code (its
+`models_mamba.py`, `mamba_simple.py` with `bimamba_type="v3"`, `models_pretrain.py`), whose weights
+`models.released` loads: LayerNorm (with bias) for norm1, norm2 and the final norm; a SwiGLU MLP of
+three biased linears w1, w2, w3, hidden dim*4*2//3; RGB input; 4-way: a class token in the middle of
+the sequence (index M//2), a learned position embedding over the 1+M tokens, and directions named with
+the released suffixes "", "_b", "_c", "_c_b" (A named A_log, A_b_log, A_c_log, A_c_b_log) whose column
+scans hold token L//2 (the class token) in place and transpose the other tokens' grid; 1-way (the
+released stage 1): no class token and a fixed sin-cos position embedding, kept as a frozen parameter
+as the released code keeps it. The mixer, its scan paths and their dispatch are the study's.
 """
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.init import trunc_normal_
 
 from cxpmrg_lib.models import mixer_conv
 from cxpmrg_lib.models.fused_ops import RMSNorm, compiled_cpu, fused_applies, swiglu
@@ -24,13 +35,21 @@ from cxpmrg_lib.models.mixer_merged import merged_mixer_core, per_sequence, seq_
 from cxpmrg_lib.models.ssm import selective_scan, selective_scan_compiled
 
 __all__ = ["EncoderConfig", "VisionMamba", "MambaMixer", "EncoderOutput", "expand_to_four_way",
-           "sincos_pos_embed_2d", "study_tokens", "match_channels", "DIRECTIONS", "DIRECTION_PARAMS"]
+           "sincos_pos_embed_2d", "study_tokens", "match_channels", "DIRECTIONS", "DIRECTION_PARAMS",
+           "RELEASED_DIRECTIONS", "ARCHS"]
 
 # Suffix of each scan direction's private parameters; "" is the 1-way direction (mamba_ssm names).
 DIRECTIONS = {"1-way": ("",), "4-way": ("", "_b", "_col", "_col_b")}
 # Parameters each direction owns (in_proj and out_proj are shared by all directions).
 DIRECTION_PARAMS = ("conv1d", "x_proj", "dt_proj", "A_log", "D")
+# The released code's suffixes (bimamba_type "v3"): rows forward, rows backward, columns forward, backward.
+RELEASED_DIRECTIONS = {"1-way": ("",), "4-way": ("", "_b", "_c", "_c_b")}
 STEMS = ("patch", "conv")
+# "study": this project's encoder; "released": the released MambaXray-VL code's (module docstring).
+ARCHS = ("study", "released")
+# Fields added after run hashes existed, with the value every older config had: `to_dict` leaves a field out
+# while it holds that value, so no existing payload (and no run hash) changes.
+_ADDED_FIELDS = {"arch": "study", "mlp_hidden": None}
 
 
 @dataclass
@@ -51,8 +70,14 @@ class EncoderConfig:
     # non-overlapping convolutions (4x4, then 2x2 until one patch) with a per-location norm, whose
     # tokens still each see exactly one patch, so stage 1's next-patch prediction stays leak-free.
     stem: str = "patch"
+    arch: str = "study"
+    mlp_hidden: int | None = None    # None: the arch's rule (study: ~dim*mlp_ratio*2/3 rounded to 8; released: //3)
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, not {self.arch!r}")
+        if self.arch == "released" and self.stem != "patch":
+            raise ValueError("the released encoder embeds patches with one linear projection (stem='patch')")
         if self.scan not in DIRECTIONS:
             raise ValueError(f"scan must be one of {sorted(DIRECTIONS)}, not {self.scan!r}")
         if self.image_size % self.patch_size:
@@ -70,8 +95,34 @@ class EncoderConfig:
     def num_patches(self) -> int:
         return self.grid ** 2
 
+    @property
+    def directions(self) -> tuple[str, ...]:
+        """The scan directions' parameter suffixes."""
+        return (RELEASED_DIRECTIONS if self.arch == "released" else DIRECTIONS)[self.scan]
+
+    @property
+    def class_token(self) -> bool:
+        """Whether a class token sits in the middle of the sequence (the released 4-way encoder)."""
+        return self.arch == "released" and self.scan == "4-way"
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + int(self.class_token)
+
+    @property
+    def mlp_width(self) -> int:
+        if self.mlp_hidden is not None:
+            return int(self.mlp_hidden)
+        if self.arch == "released":
+            return int(self.dim * self.mlp_ratio) * 2 // 3
+        return int(round(self.dim * self.mlp_ratio * 2 / 3 / 8)) * 8
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for key, old in _ADDED_FIELDS.items():
+            if d[key] == old:
+                del d[key]
+        return d
 
 
 @dataclass
@@ -81,8 +132,10 @@ class EncoderOutput:
     layers: list[torch.Tensor] = field(default_factory=list)  # hidden states after the requested blocks
 
 
-def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2D sine-cosine position embedding, (grid*grid, dim), row-major like the patches."""
+def sincos_pos_embed_2d(dim: int, grid: int, columns_first: bool = False) -> torch.Tensor:
+    """Fixed 2D sine-cosine position embedding, (grid*grid, dim), row-major like the patches: the first half
+    of the channels encodes the row, the second the column (`columns_first`: the other way round, the
+    layout of the released code's MAE-style embedding)."""
     if dim % 4:
         raise ValueError(f"embedding width {dim} must be divisible by 4 for a 2D sin-cos embedding")
     quarter = dim // 4
@@ -94,7 +147,8 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
         angles = pos.reshape(-1, 1) * omega[None]
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-    return torch.cat([embed(rows), embed(cols)], dim=1).float()
+    halves = [embed(cols), embed(rows)] if columns_first else [embed(rows), embed(cols)]
+    return torch.cat(halves, dim=1).float()
 
 
 def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
@@ -117,8 +171,12 @@ class MambaMixer(nn.Module):
     """A Mamba-1 mixer over a token sequence, with one private parameter set per scan direction."""
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 1,
-                 dt_rank: int | None = None, directions: Sequence[str] = ("",), grid: int | None = None):
+                 dt_rank: int | None = None, directions: Sequence[str] = ("",), grid: int | None = None,
+                 hold_middle: bool = False):
+        """`hold_middle`: the released layout: the sequence is the grid's tokens with one more at L//2 (the
+        class token), which the column scans keep in place; A is named A{suffix}_log as there."""
         super().__init__()
+        self.hold_middle = hold_middle
         self.d_inner = expand * dim
         self.d_state, self.d_conv = d_state, d_conv
         self.dt_rank = dt_rank or math.ceil(dim / 16)
@@ -148,12 +206,21 @@ class MambaMixer(nn.Module):
         self.add_module("conv1d" + suffix, conv)
         self.add_module("x_proj" + suffix, x_proj)
         self.add_module("dt_proj" + suffix, dt_proj)
-        self.register_parameter("A_log" + suffix, a_log)
+        self.register_parameter(self._a_name(suffix), a_log)
         self.register_parameter("D" + suffix, skip)
+
+    def _a_name(self, suffix: str) -> str:
+        return f"A{suffix}_log" if self.hold_middle else "A_log" + suffix
+
+    def _a_log(self, suffix: str) -> torch.Tensor:
+        return getattr(self, self._a_name(suffix))
 
     def _reorder(self, x: torch.Tensor, suffix: str, inverse: bool = False) -> torch.Tensor:
         """Put a (B, C, L) row-major sequence into the direction's scan order, or back with inverse."""
-        flip, transpose = suffix.endswith("_b"), suffix.startswith("_col")
+        if self.hold_middle:
+            idx = self.scan_orders(x.shape[-1], x.device)[self.directions.index(suffix)]
+            return x[..., torch.argsort(idx) if inverse else idx]
+        flip, transpose = suffix.endswith("_b"), suffix.startswith("_c")
         if transpose:
             b, c, length = x.shape
             if self.grid is None or self.grid ** 2 != length:
@@ -176,7 +243,7 @@ class MambaMixer(nn.Module):
         dt, b_in, c_in = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt_proj = getattr(self, "dt_proj" + suffix)
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)                   # (B, d, L); bias goes to the scan
-        a = -torch.exp(getattr(self, "A_log" + suffix).float())
+        a = -torch.exp(self._a_log(suffix).float())
         return selective_scan(x, delta, a, b_in.transpose(1, 2), c_in.transpose(1, 2),
                               D=getattr(self, "D" + suffix).float(), z=z, delta_bias=dt_proj.bias.float(),
                               delta_softplus=True)
@@ -222,7 +289,9 @@ class MambaMixer(nn.Module):
         rows = []
         for suffix in self.directions:
             idx = torch.arange(length, device=device)
-            if suffix.startswith("_col"):
+            if self.hold_middle and suffix.startswith("_c"):
+                idx = self._held_column_order(length, device)
+            elif suffix.startswith("_c"):
                 if self.grid is None or self.grid ** 2 != length:
                     raise ValueError(f"column scans need the full square grid of tokens; got {length} tokens "
                                      f"for grid {self.grid}")
@@ -231,6 +300,19 @@ class MambaMixer(nn.Module):
                 idx = idx.flip(0)
             rows.append(idx)
         return torch.stack(rows)
+
+    def _held_column_order(self, length: int, device=None) -> torch.Tensor:
+        """The released column order: the tokens other than L//2 (row-major over the grid) transposed, and
+        token L//2 put back at position L//2. Transposing a square grid is its own inverse, so the released
+        code's way back (take L//2 out, transpose, put it back) is this order's inverse permutation. L//2 is the
+        class token's place (M//2) for an even grid; for an odd one it is the patch after it, as there."""
+        if self.grid is None or self.grid ** 2 + 1 != length:
+            raise ValueError(f"the released column scans need the grid's tokens and a class token; got {length} "
+                             f"tokens for grid {self.grid}")
+        held = length // 2
+        idx = torch.arange(length, device=device)
+        others = torch.cat([idx[:held], idx[held + 1:]]).view(self.grid, self.grid).t().reshape(-1)
+        return torch.cat([others[:held], idx[held:held + 1], others[held:]])
 
     def _direction_modules(self) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
         """(conv1d, x_proj, dt_proj) of every direction, in `directions` order."""
@@ -248,7 +330,7 @@ class MambaMixer(nn.Module):
             _stack_directions([c.bias for c, _, _ in mods]).to(dtype),
             _stack_directions([xp.weight for _, xp, _ in mods]).to(dtype),
             _stack_directions([dp.weight for _, _, dp in mods]).to(dtype),
-            -torch.exp(_stack_directions([getattr(self, "A_log" + s) for s in dirs]).float()).to(dtype),
+            -torch.exp(_stack_directions([self._a_log(s) for s in dirs]).float()).to(dtype),
             # A, D and the dt bias pass through float32 as in the other paths (and mamba-ssm's kernel)
             _stack_directions([getattr(self, "D" + s) for s in dirs]).float().to(dtype),
             _stack_directions([dp.bias for _, _, dp in mods]).float().to(dtype),
@@ -306,7 +388,7 @@ class MambaMixer(nn.Module):
             c_in = c_in.transpose(0, 1).reshape(g * b, length, n).transpose(1, 2)
             z_all = z.unsqueeze(0).expand(g, b, d, length).reshape(g * b, d, length)
 
-        a = -torch.exp(_stack_directions([getattr(self, "A_log" + s) for s in dirs]).float())
+        a = -torch.exp(_stack_directions([self._a_log(s) for s in dirs]).float())
         params = dict(D=per_sequence(_stack_directions([getattr(self, "D" + s) for s in dirs]).float(), b), z=z_all,
                       delta_bias=per_sequence(_stack_directions([dp.bias for _, _, dp in mods]).float(), b),
                       delta_softplus=True, order=per_sequence(orders, b))
@@ -330,15 +412,34 @@ class SwiGLU(nn.Module):
         return self.fc2(swiglu(self.fc1(x)))
 
 
+class ReleasedSwiGLU(nn.Module):
+    """The released code's MLP: w3(silu(w1 x) * w2 x), each linear with a bias."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(dim, hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
 class MambaBlock(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
+        if cfg.arch == "released":
+            self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+            self.mixer = MambaMixer(cfg.dim, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank, cfg.directions,
+                                    cfg.grid, hold_middle=cfg.class_token)
+            self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+            self.mlp = ReleasedSwiGLU(cfg.dim, cfg.mlp_width)
+            return
         self.norm1 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mixer = MambaMixer(cfg.dim, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank,
-                                DIRECTIONS[cfg.scan], cfg.grid)
+                                cfg.directions, cfg.grid)
         self.norm2 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        hidden = int(round(cfg.dim * cfg.mlp_ratio * 2 / 3 / 8)) * 8
-        self.mlp = SwiGLU(cfg.dim, hidden)
+        self.mlp = SwiGLU(cfg.dim, cfg.mlp_width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.mixer(self.norm1(x))
@@ -378,6 +479,9 @@ class VisionMamba(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.config = cfg
+        if cfg.arch == "released":
+            self._build_released(cfg)
+            return
         self.patch_embed = (nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
                             if cfg.stem == "patch" else conv_stem(cfg.in_chans, cfg.dim, cfg.patch_size, cfg.norm_eps))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.dim, cfg.grid)[None], persistent=False)
@@ -385,8 +489,28 @@ class VisionMamba(nn.Module):
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.apply(_init_linear)
 
+    def _build_released(self, cfg: EncoderConfig) -> None:
+        """The released code's encoder (module docstring); its initialisation's distributions (not its draws)."""
+        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        if cfg.class_token:
+            self.cls_token = nn.Parameter(trunc_normal_(torch.zeros(1, 1, cfg.dim), std=0.02))
+            self.cls_token._no_weight_decay = True
+            self.pos_embed = nn.Parameter(trunc_normal_(torch.zeros(1, cfg.num_tokens, cfg.dim), std=0.02))
+        else:
+            self.pos_embed = nn.Parameter(sincos_pos_embed_2d(cfg.dim, cfg.grid, columns_first=True)[None],
+                                          requires_grad=False)
+        self.blocks = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.apply(_init_linear)
+
+    @property
+    def class_token_index(self) -> int | None:
+        """Where the class token sits in the token sequence (M//2), or None without one."""
+        return self.config.num_patches // 2 if self.config.class_token else None
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, S, S) -> (B, grid*grid, dim) row-major patch tokens with positions added."""
+        """(B, C, S, S) -> (B, grid*grid, dim) row-major patch tokens with positions added (the released
+        4-way encoder: (B, 1 + grid*grid, dim), the class token at `class_token_index`)."""
         cfg = self.config
         if images.ndim != 4:
             raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
@@ -394,6 +518,9 @@ class VisionMamba(nn.Module):
             raise ValueError(f"encoder expects {cfg.image_size}x{cfg.image_size} images, "
                              f"got {images.shape[-2]}x{images.shape[-1]}")
         x = self.patch_embed(match_channels(images, cfg.in_chans)).flatten(2).transpose(1, 2)
+        if cfg.class_token:
+            at = self.class_token_index
+            x = torch.cat([x[:, :at], self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x[:, at:]], dim=1)
         return x + self.pos_embed.to(x.dtype)
 
     def forward_tokens(self, x: torch.Tensor, return_layers: Sequence[int] = ()) -> EncoderOutput:

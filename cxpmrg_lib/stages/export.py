@@ -29,7 +29,7 @@ from cxpmrg_lib.util.fileio import atomic_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "export_generator", "load_exported", "model_card", "is_export"]
+__all__ = ["FORMAT", "export_generator", "export_released", "load_exported", "model_card", "is_export"]
 
 FORMAT = "cxpmrg-report-generator"
 _METRICS = [("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"), ("meteor", "METEOR"),
@@ -197,3 +197,29 @@ def load_exported(folder: str | os.PathLike, lm_dir: str | os.PathLike | None = 
     model.image_size, model.max_images = cfg["image_size"], cfg["max_images"]
     model.summary = None
     return model.eval()
+
+
+def export_released(source, out_dir: str | os.PathLike, include_lm: bool = True, overwrite: bool = False) -> Path:
+    """A stage-3 model of ours whose encoder is the released architecture (`EncoderConfig(arch="released")`),
+    written in the released MambaXray-VL formats: `<out_dir>/stage2.pth`, `<out_dir>/stage3.pth`
+    (`models.released_report.released_checkpoints`) and, with `include_lm`, `<out_dir>/llm/` (the frozen LM and
+    its tokenizer). `ReportGenerator.from_released(out/"stage3.pth", out/"llm", stage2=out/"stage2.pth")` and
+    the released code read them. `source`: a stage-3 run folder, its export, or a loaded `ReportModel`."""
+    import torch
+
+    from cxpmrg_lib.models.released_report import released_checkpoints
+
+    if isinstance(source, (str, os.PathLike)):
+        from cxpmrg_lib.stages.generate import ReportGenerator
+        model = ReportGenerator.from_pretrained(source).model
+    else:
+        model = source
+    stage2, stage3 = released_checkpoints(model)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        torch.save(stage2, tmp / "stage2.pth")
+        torch.save(stage3, tmp / "stage3.pth")
+        if include_lm:
+            model.head.lm.save_pretrained(tmp / "llm")
+            model.head.tokenizer.save_pretrained(tmp / "llm")
+    log.info("the released-format files of the report model are in %s", out_dir)
+    return Path(out_dir)
