@@ -38,7 +38,8 @@ def _cmd_data_iu_phantom(a: argparse.Namespace) -> int:
               + " studies (" + "/".join(str(v) for v in s["two_views"].values()) + " with two views); "
               + f"R2Gen's val/test found with findings: {s['r2gen_found']['val']}/{s['r2gen_listed']['val']}, "
               + f"{s['r2gen_found']['test']}/{s['r2gen_listed']['test']}"
-              + ("; missing: " + ", ".join(m["study_id"] for m in s["missing"]) if s["missing"] else ""))
+              + (f"; {len(s['missing'])} missing: " + ", ".join(m["study_id"] for m in s["missing"][:10])
+                 + (", ... (split.json)" if len(s["missing"]) > 10 else "") if s["missing"] else ""))
     if mapping.exists():
         m = json.loads(mapping.read_text())
         summary = {k: v for k, v in m.items() if not isinstance(v, (dict, list))}

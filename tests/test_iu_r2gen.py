@@ -150,3 +150,59 @@ def test_old_default_tree_unchanged(tmp_path):
         "c125d93ed382047aeb8b7c185071dec1e5cfd7f748ff0ce8366d4ece027e7d78"
     assert _hash(out, {"annotation.json", "mesh_mapping.json", "README.txt", "dataset_manifest.json"}) == \
         "5daff5b5f9da74e2f1fa96420074c0f38ba5feac0372fe9b90d86e59afaf05d0"
+
+
+def _small_archive(tmp_path, n=24, extra=None):
+    import io
+    import tarfile
+
+    xml = ('<?xml version="1.0" encoding="utf-8"?><eCitation><uId id="CXR{i}"/><MedlineCitation><Article><Abstract>'
+           '<AbstractText Label="FINDINGS">{f}</AbstractText><AbstractText Label="IMPRESSION">No acute disease.'
+           '</AbstractText></Abstract></Article></MedlineCitation><MeSH><major>{m}</major></MeSH>{img}</eCitation>')
+    members = {}
+    for i in range(1, n + 1):
+        f = "" if i == 5 else f"Heart size normal, study {i}."                     # 5: impression only
+        views = 1 if i % 7 == 0 else 2
+        img = "".join(f'<parentImage id="CXR{i}_IM-{i:04d}-{k}001"/>' for k in range(1, views + 1))
+        m = "Pleural Effusion/left/small" if i % 3 == 0 else "normal"
+        members[f"ecgen-radiology/{i}.xml"] = xml.format(i=i, f=f, m=m, img=img).encode()
+    members.update(extra or {})
+    tgz = tmp_path / "reports.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    split = tmp_path / "split"
+    split.mkdir()
+    head = "study_id,openi_xml,split,n_images\n"
+    (split / "valid.csv").write_text(head + "".join(f"CXR{i}_IM-{i:04d},{i}.xml,val,2\n" for i in (2, 5)))
+    (split / "test.csv").write_text(head + "".join(f"CXR{i}_IM-{i:04d},{i}.xml,test,2\n" for i in (3, 9, 14, 40)))
+    return tgz, split
+
+
+def test_streamed_tree_equals_collected_tree_and_names_the_missing(tmp_path):
+    """Without `limit` the studies render while the archive is read; the tree is the one the collected
+    path (a `limit` above the total) writes. R2Gen studies without findings or not in the archive are named."""
+    from cxpmrg_lib.data.phantom import write_iu_phantom
+
+    tgz, split = _small_archive(tmp_path)
+    a = write_iu_phantom(tmp_path / "a", reports=tgz, size=32, workers=1, split="r2gen", split_dir=split)
+    b = write_iu_phantom(tmp_path / "b", reports=tgz, size=32, workers=1, split="r2gen", split_dir=split, limit=999)
+    assert _hash(a, {"annotation.json", "mesh_mapping.json"}) == _hash(b, {"annotation.json", "mesh_mapping.json"})
+    assert _hash(a / "images") == _hash(b / "images")
+    info = json.loads((a / "split.json").read_text())
+    assert info["studies"] == {"train": 19, "val": 1, "test": 3} and info["r2gen_found"] == {"val": 1, "test": 3}
+    assert [(m["study_id"], m["reason"]) for m in info["missing"]] == [
+        ("CXR5_IM-0005", "no findings section"), ("CXR40_IM-0040", "not in the reports archive")]
+    assert info["two_views"] == {"train": 17, "val": 1, "test": 2}      # 7, 14 (test) and 21 name one image
+    assert not (a / "images" / "CXR14_IM-0014" / "1.png").exists()
+
+
+def test_bad_report_mid_stream_leaves_no_tree(tmp_path):
+    from cxpmrg_lib.data.phantom import write_iu_phantom
+
+    tgz, split = _small_archive(tmp_path, extra={"ecgen-radiology/99.xml": b"<eCitation><uId id='CXR99'/><MeSH>"})
+    with pytest.raises(DataError, match=r"ecgen-radiology/99\.xml"):
+        write_iu_phantom(tmp_path / "out", reports=tgz, size=32, workers=1, split="r2gen", split_dir=split)
+    assert not (tmp_path / "out").exists()

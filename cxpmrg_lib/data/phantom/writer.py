@@ -765,6 +765,7 @@ def write_iu_phantom(out: str | os.PathLike, reports: str | os.PathLike | None =
         log.info("iu-phantom, R2Gen split: train/val/test %d/%d/%d studies (%d/%d/%d with two views); of R2Gen's "
                  "%d val and %d test studies %d and %d found with findings%s", *info["studies"].values(),
                  *info["two_views"].values(), *info["r2gen_listed"].values(), *info["r2gen_found"].values(),
-                 "; missing: " + ", ".join(f"{m['study_id']} ({m['reason']})" for m in info["missing"])
-                 if info["missing"] else "")
+                 f"; {len(info['missing'])} missing (split.json lists them): "
+                 + ", ".join(f"{m['study_id']} ({m['reason']})" for m in info["missing"][:10])
+                 + (", ..." if len(info["missing"]) > 10 else "") if info["missing"] else "")
     return Path(out)
