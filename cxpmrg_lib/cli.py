@@ -28,9 +28,18 @@ def _cmd_data_iu_phantom(a: argparse.Namespace) -> int:
     from cxpmrg_lib.data.phantom import write_iu_phantom
 
     out = write_iu_phantom(a.out, reports=a.reports, size=a.size, seed=a.seed,
-                           overwrite=a.overwrite, workers=a.workers, limit=a.limit)
+                           overwrite=a.overwrite, workers=a.workers, limit=a.limit, split=a.split)
     mapping = Path(out) / "mesh_mapping.json"
     print(f"wrote the iu-phantom to {out}")
+    split = Path(out) / "split.json"
+    if split.exists():
+        s = json.loads(split.read_text())
+        print("R2Gen split: train/val/test " + "/".join(str(v) for v in s["studies"].values())
+              + " studies (" + "/".join(str(v) for v in s["two_views"].values()) + " with two views); "
+              + f"R2Gen's val/test found with findings: {s['r2gen_found']['val']}/{s['r2gen_listed']['val']}, "
+              + f"{s['r2gen_found']['test']}/{s['r2gen_listed']['test']}"
+              + (f"; {len(s['missing'])} missing: " + ", ".join(m["study_id"] for m in s["missing"][:10])
+                 + (", ... (split.json)" if len(s["missing"]) > 10 else "") if s["missing"] else ""))
     if mapping.exists():
         m = json.loads(mapping.read_text())
         summary = {k: v for k, v in m.items() if not isinstance(v, (dict, list))}
@@ -281,8 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     iu.add_argument("--reports", default=None,
                     help="NLMCXR_reports.tgz (default: $CXPMRG_OPENI_TGZ, else the copy inside torchxrayvision)")
     iu.add_argument("--size", type=int, default=DEFAULT_PHANTOM_SIZE, help="image side in pixels (default %(default)s)")
-    iu.add_argument("--seed", type=int, default=0, help="seed for rendering and the 70/10/20 split")
-    iu.add_argument("--limit", type=int, default=None, help="only the first N reports (for quick looks)")
+    iu.add_argument("--seed", type=int, default=0, help="seed for rendering (and the random split)")
+    iu.add_argument("--split", choices=("random", "r2gen"), default="random",
+                    help="random: reports with findings or impression, 70/10/20 at random (default); r2gen: every "
+                         "report with findings, R2Gen's 296 val and 590 test studies, the rest train")
+    iu.add_argument("--limit", type=int, default=None,
+                    help="only the first N reports (r2gen: the first of each split, in proportion; for quick looks)")
     iu.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     iu.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     iu.set_defaults(func=_cmd_data_iu_phantom)

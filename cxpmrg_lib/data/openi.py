@@ -26,7 +26,7 @@ from cxpmrg_lib.data.text import decode_text_counted
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MeshTerm", "parse_mesh_term", "find_openi_reports", "load_openi_reports",
+__all__ = ["MeshTerm", "parse_mesh_term", "find_openi_reports", "load_openi_reports", "iter_openi_reports",
            "OPENI_ENV", "OPENI_COLUMNS"]
 
 OPENI_ENV = "CXPMRG_OPENI_TGZ"
@@ -141,25 +141,16 @@ def _parse_one(member: str, raw: bytes) -> tuple[dict, bool]:
     return row, fallback
 
 
-def load_openi_reports(path: str | os.PathLike | None = None, on_error: str = "raise") -> pd.DataFrame:
-    """All Open-i reports as a DataFrame, one row per XML file, in file-number order.
-
-    Columns: uid ("CXR1"), xml_name ("ecgen-radiology/1.xml"), comparison, indication,
-    findings, impression (str, "" where absent), mesh_major, mesh_minor, mesh_automatic,
-    image_ids (lists of str). `mesh_minor` is empty in the public archive, which has no
-    <minor> terms; `mesh_automatic` holds the machine-extracted terms it has instead.
-
-    on_error="raise" stops at the first malformed XML with a DataError naming it;
-    "skip" leaves it out, logs a warning with the count, and lists
-    (member, reason) pairs in `df.attrs["skipped"]`. Bytes that are not UTF-8 are
-    decoded with a cp1252 fallback; the members concerned are listed in
-    `df.attrs["decoded_with_fallback"]`.
-    """
+def iter_openi_reports(path: str | os.PathLike | None = None, on_error: str = "raise",
+                       skipped: list | None = None, fallbacks: list | None = None):
+    """The reports one by one as row dicts (load_openi_reports' columns), in archive order, parsed
+    while the archive is read: a caller can start work on the first reports before the last is read.
+    `skipped` and `fallbacks`, when given, collect what load_openi_reports lists in its attrs."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     tgz = find_openi_reports(path)
-    t0 = time.perf_counter()
-    rows, skipped, fallbacks = [], [], []
+    skipped = [] if skipped is None else skipped
+    fallbacks = [] if fallbacks is None else fallbacks
     try:
         tar = tarfile.open(tgz, mode="r:*")
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -179,9 +170,31 @@ def load_openi_reports(path: str | os.PathLike | None = None, on_error: str = "r
                     continue
                 if fallback:
                     fallbacks.append(info.name)
-                rows.append(row)
+                yield row
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(f"{tgz}: archive is damaged or truncated ({e})") from e
+
+
+def load_openi_reports(path: str | os.PathLike | None = None, on_error: str = "raise") -> pd.DataFrame:
+    """All Open-i reports as a DataFrame, one row per XML file, in file-number order.
+
+    Columns: uid ("CXR1"), xml_name ("ecgen-radiology/1.xml"), comparison, indication,
+    findings, impression (str, "" where absent), mesh_major, mesh_minor, mesh_automatic,
+    image_ids (lists of str). `mesh_minor` is empty in the public archive, which has no
+    <minor> terms; `mesh_automatic` holds the machine-extracted terms it has instead.
+
+    on_error="raise" stops at the first malformed XML with a DataError naming it;
+    "skip" leaves it out, logs a warning with the count, and lists
+    (member, reason) pairs in `df.attrs["skipped"]`. Bytes that are not UTF-8 are
+    decoded with a cp1252 fallback; the members concerned are listed in
+    `df.attrs["decoded_with_fallback"]`.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    tgz = find_openi_reports(path)
+    t0 = time.perf_counter()
+    skipped, fallbacks = [], []
+    rows = list(iter_openi_reports(tgz, on_error=on_error, skipped=skipped, fallbacks=fallbacks))
     rows.sort(key=lambda r: _natural_key(r["xml_name"]))
     df = pd.DataFrame(rows, columns=OPENI_COLUMNS)
     df.attrs["source"] = str(tgz)

@@ -334,22 +334,25 @@ def _worker_init() -> None:
         pass
 
 
-def _run_jobs(fn, jobs: list, workers: int | None, desc: str) -> list:
+def _run_jobs(fn, jobs, workers: int | None, desc: str) -> list:
     """Map `fn` over jobs in order, in `workers` worker processes (all cores by default).
 
     Tiny job lists run in this process. Even one worker runs in its own process: it
-    can tune its allocator (see `_worker_init`) without touching the caller's."""
+    can tune its allocator (see `_worker_init`) without touching the caller's. `jobs` may
+    be an iterator: the pool's feeder thread draws it while the workers run the first jobs
+    (write_iu_phantom reads the reports archive so, instead of before rendering)."""
     from cxpmrg_lib.util.progress import tqdm
 
     workers = workers or os.cpu_count() or 1
-    if len(jobs) < 16:
+    total = len(jobs) if hasattr(jobs, "__len__") else None
+    if total is not None and total < 16:
         return [fn(j) for j in jobs]
-    workers = min(workers, len(jobs))
-    chunk = max(4, min(32, len(jobs) // (workers * 16) or 1))  # small enough to balance the tail
+    workers = min(workers, total or workers)
+    chunk = max(4, min(32, total // (workers * 16) or 1)) if total is not None else 16  # small enough for the tail
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     with ctx.Pool(workers, initializer=_worker_init) as pool:
-        return list(tqdm(pool.imap(fn, jobs, chunksize=chunk), total=len(jobs), desc=desc,
-                         disable=len(jobs) < 200, leave=False))
+        return list(tqdm(pool.imap(fn, jobs, chunksize=chunk), total=total, desc=desc,
+                         disable=total is not None and total < 200, leave=False))
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -514,7 +517,9 @@ def _merge(findings: list[Finding]) -> tuple[Finding, ...]:
 
 
 def _iu_job(job: tuple) -> None:
-    root, seed, index, uid, findings, size = job
+    """Render and write one iu-phantom study: 0.png frontal, then 1.png lateral when it has two views."""
+    root, seed, index, uid, findings, size = job[:6]
+    views = job[6] if len(job) > 6 else 2
     rng = np.random.default_rng([seed, 5, index])
     view = "AP" if any(f.observation == "Support Devices" and f.kind in ("ett", "ng_tube") for f in findings) else "PA"
     anatomy = sample_anatomy(rng, view=view, sex="Female" if rng.random() < 0.5 else "Male")
@@ -522,82 +527,245 @@ def _iu_job(job: tuple) -> None:
     folder = Path(root) / "images" / uid
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "0.png").write_bytes(_png_bytes(render_study(spec, size, np.random.default_rng([seed, 6, index]))))
-    (folder / "1.png").write_bytes(_png_bytes(render_lateral(spec, size, np.random.default_rng([seed, 7, index]))))
+    if views >= 2:
+        (folder / "1.png").write_bytes(_png_bytes(render_lateral(spec, size, np.random.default_rng([seed, 7, index]))))
 
 
-def write_iu_phantom(out: str | os.PathLike, reports: str | os.PathLike | None = None, size: int = 256, seed: int = 0,
-                     overwrite: bool = False, workers: int | None = None, limit: int | None = None) -> Path:
-    """Render a radiograph pair for every real IU X-Ray report and write an R2Gen tree at `out`.
+IU_SPLITS = ("random", "r2gen")
 
-    Studies with empty findings and impression are dropped. The `report` of each item is
-    the real findings text, or the impression when the findings are empty (R2Gen's IU
-    convention uses findings only; keeping impression-only studies keeps all reports).
-    images/<uid>/0.png is the frontal drawn from the study's MeSH major terms;
-    1.png is a simple lateral view of the same findings. Split 70/10/20 by study,
-    seeded. mesh_mapping.json counts which terms were drawn and which were not.
-    `limit` keeps the first N usable studies (quick looks, tests).
-    """
-    from cxpmrg_lib.data.openi import load_openi_reports, parse_mesh_term
 
-    df = load_openi_reports(reports)
-    for col in ("uid", "findings", "impression", "mesh_major"):
-        if col not in df.columns:
-            raise DataError(f"write_iu_phantom: the report table from {reports or 'the default NLMCXR_reports.tgz'} "
-                            f"has no column {col!r}")
-    text = lambda v: v.strip() if isinstance(v, str) else ""  # noqa: E731
-    df = df[[bool(text(f) or text(i)) for f, i in zip(df["findings"], df["impression"])]].reset_index(drop=True)
+def _iu_text(v) -> str:
+    return v.strip() if isinstance(v, str) else ""
+
+
+def _iu_random_studies(df: pd.DataFrame, limit: int | None, seed: int) -> list[dict]:
+    """The first iu-phantom: every report with findings or impression (the first `limit`), two views each,
+    split 70/10/20 at random (seeded); a study's render index is its position."""
+    df = df[[bool(_iu_text(f) or _iu_text(i)) for f, i in zip(df["findings"], df["impression"])]].reset_index(drop=True)
     if limit:
         df = df.iloc[: int(limit)].reset_index(drop=True)
     if df.empty:
         raise DataError("write_iu_phantom: no study with a findings or impression section")
-    mapped, unmapped = collections.Counter(), collections.Counter()
-    jobs = []
-    items = []
-    for i, row in df.iterrows():
-        found: list[Finding] = []
-        terms = row["mesh_major"] if isinstance(row["mesh_major"], (list, tuple)) else []
-        for term in terms:
-            mt = parse_mesh_term(term)
-            fs = mesh_to_findings(mt.heading, mt.qualifiers)
-            if fs is None:
-                unmapped[mt.raw.strip() or term] += 1
-            else:
-                mapped[mt.raw.strip() or term] += 1
-                found += fs
-        uid = str(row["uid"])
-        report = text(row["findings"]) or text(row["impression"])
-        jobs.append((None, seed, i, uid, _merge(found), size))
-        items.append(dict(id=uid, report=report, image_path=[f"{uid}/0.png", f"{uid}/1.png"]))
-    order = np.random.default_rng([seed, 4]).permutation(len(items))
-    n_train, n_val = int(round(0.7 * len(items))), int(round(0.1 * len(items)))
-    split_of = {}
+    order = np.random.default_rng([seed, 4]).permutation(len(df))
+    n_train, n_val = int(round(0.7 * len(df))), int(round(0.1 * len(df)))
+    split = {}
     for rank, k in enumerate(order):
-        split_of[int(k)] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-    ann = {"train": [], "val": [], "test": []}
-    for k, item in enumerate(items):
-        s = split_of[k]
-        ann[s].append({**item, "split": s})
+        split[int(k)] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+    return [dict(index=i, id=str(u), report=_iu_text(f) or _iu_text(m), views=2, split=split[i], mesh_major=t)
+            for i, (u, f, m, t) in enumerate(zip(df["uid"], df["findings"], df["impression"], df["mesh_major"]))]
+
+
+def _proportional(limit: int, sizes: dict[str, int]) -> dict[str, int]:
+    """`limit` shared among the splits in proportion to `sizes` (largest remainder), each non-empty split
+    keeping at least one study when `limit` allows."""
+    total = sum(sizes.values())
+    if limit >= total:
+        return dict(sizes)
+    exact = {k: limit * n / total for k, n in sizes.items()}
+    take = {k: min(sizes[k], int(v)) for k, v in exact.items()}
+    for k in sorted(sizes, key=lambda k: exact[k] - int(exact[k]), reverse=True)[: limit - sum(take.values())]:
+        take[k] += 1
+    for k in sizes:                                   # a split left empty borrows from the largest
+        if take[k] == 0 and sizes[k] and limit >= sum(1 for n in sizes.values() if n):
+            take[max(take, key=take.get)] -= 1
+            take[k] = 1
+    return take
+
+
+class _R2GenIU:
+    """R2Gen's IU X-Ray over the Open-i reports: every report with a findings section and at least one
+    image named in its XML; R2Gen's 296 validation and 590 test studies (data_manifests/iu_split),
+    every other one trains. Ids are R2Gen's, a study's render index its Open-i report number (so it
+    looks the same whatever `limit`); one view or two as the XML names images (two at most: frontal,
+    lateral). `limit` keeps the membership and takes the first studies of each split in report-number
+    order, in proportion to the full splits (at least one each when `limit` >= 3)."""
+
+    def __init__(self, split_dir=None):
+        from cxpmrg_lib.data.iu_split import load_iu_split
+
+        ref = load_iu_split(split_dir)
+        self.split = dict(zip(ref["number"].astype(int), ref["split"]))
+        self.ref_id = dict(zip(ref["number"].astype(int), ref["study_id"]))
+        self.seen: dict[int, tuple[bool, bool, str]] = {}   # report number -> (findings, image, id)
+        self.full = collections.Counter()
+
+    def study(self, row: dict) -> dict | None:
+        from cxpmrg_lib.data.iu_split import openi_number, r2gen_study_id
+
+        n = openi_number(row["xml_name"])
+        findings = _iu_text(row.get("findings"))
+        images = list(row.get("image_ids") or [])
+        uid = r2gen_study_id(images) if images else ""
+        self.seen[n] = (bool(findings), bool(images), uid)
+        if not (findings and images):
+            return None
+        split = self.split.get(n, "train")
+        self.full[split] += 1
+        return dict(index=n, id=uid, report=findings, views=min(2, len(images)), split=split,
+                    mesh_major=row.get("mesh_major"))
+
+    def stream(self, rows):
+        """Every qualifying study, as the reports are read (archive order)."""
+        for row in rows:
+            st = self.study(row)
+            if st is not None:
+                yield st
+
+    def first(self, rows, limit: int) -> list[dict]:
+        """The first studies of each split (report-number order), `limit` in all, split in proportion."""
+        studies = sorted(self.stream(rows), key=lambda st: st["index"])
+        take = _proportional(int(limit), {s: self.full[s] for s in ("train", "val", "test")})
+        kept, out = collections.Counter(), []
+        for st in studies:
+            if kept[st["split"]] < take[st["split"]]:
+                kept[st["split"]] += 1
+                out.append(st)
+        return out
+
+    def summary(self, written: list[dict], limit: int | None) -> dict:
+        """split.json: the counts, and R2Gen's studies not found (with why); a DataError where the split
+        files and the reports disagree about an id, or two reports share one."""
+        missing = []
+        for n, s in sorted(self.split.items(), key=lambda kv: (kv[1] != "val", kv[0])):
+            has_findings, has_image, uid = self.seen.get(n, (False, False, ""))
+            why = ("not in the reports archive" if n not in self.seen else "no findings section" if not has_findings
+                   else "no image named in its XML" if not has_image else "")
+            if why:
+                missing.append(dict(study_id=self.ref_id[n], split=s, openi_xml=f"{n}.xml", reason=why))
+            elif uid != self.ref_id[n]:
+                raise DataError(f"write_iu_phantom: the Open-i images of R2Gen's study {self.ref_id[n]} ({n}.xml) "
+                                f"give the id {uid}: the split files and the reports disagree")
+        ids = collections.Counter(st["id"] for st in written)
+        dup = [k for k, v in ids.items() if v > 1]
+        if dup:
+            raise DataError(f"write_iu_phantom: two Open-i reports share the study id {dup[0]!r}")
+        listed = {s: sum(1 for v in self.split.values() if v == s) for s in ("val", "test")}
+        splits = ("train", "val", "test")
+        return {
+            "split": "r2gen",
+            "source": "R2Gen (Chen et al., EMNLP 2020) via ReXrank's split files (MIT): data_manifests/iu_split",
+            "limit": int(limit) if limit else None,
+            "studies": {s: sum(1 for st in written if st["split"] == s) for s in splits},
+            "two_views": {s: sum(1 for st in written if st["split"] == s and st["views"] == 2) for s in splits},
+            "full_collection": {s: int(self.full[s]) for s in splits},
+            "r2gen_listed": listed,
+            "r2gen_found": {s: listed[s] - sum(1 for m in missing if m["split"] == s) for s in ("val", "test")},
+            "missing": missing,
+            "left_out": {"no findings section": sum(1 for f, _, _ in self.seen.values() if not f),
+                         "findings but no image": sum(1 for f, i, _ in self.seen.values() if f and not i)},
+        }
+
+
+def write_iu_phantom(out: str | os.PathLike, reports: str | os.PathLike | None = None, size: int = 256, seed: int = 0,
+                     overwrite: bool = False, workers: int | None = None, limit: int | None = None,
+                     split: str = "random", split_dir: str | os.PathLike | None = None) -> Path:
+    """Render radiographs for the real IU X-Ray reports and write an R2Gen tree at `out`.
+
+    split="random" (the default, the book's tree so far): every report with a findings or
+    impression section, its `report` the findings, else the impression; two views each; split
+    70/10/20 by study, seeded; ids are Open-i's ("CXR12"). `limit` keeps the first N of them.
+
+    split="r2gen": R2Gen's IU X-Ray (findings only, as R2Gen): every report with a findings
+    section and at least one image named in its XML; validation and test are exactly R2Gen's
+    296 and 590 studies (data_manifests/iu_split, or `split_dir`), every other one trains; ids are
+    R2Gen's ("CXR12_IM-0160"); one view or two as the XML names images. `limit` keeps that
+    membership and takes the first studies of each split (report-number order) in proportion to
+    the full splits. split.json records the counts, the two-view counts and any R2Gen study not
+    found (with the reason); they are logged too. Without `limit` the studies render while the
+    reports archive is still being read.
+
+    images/<id>/0.png is the frontal drawn from the study's MeSH major terms; 1.png (two-view
+    studies) a simple lateral view of the same findings. mesh_mapping.json counts which terms were
+    drawn and which were not.
+    """
+    from cxpmrg_lib.data.openi import iter_openi_reports, load_openi_reports, parse_mesh_term
+
+    if split not in IU_SPLITS:
+        raise ValueError(f"write_iu_phantom: split must be one of {IU_SPLITS}, not {split!r}")
+    r2gen = None
+    if split == "random":
+        df = load_openi_reports(reports)
+        for col in ("uid", "findings", "impression", "mesh_major"):
+            if col not in df.columns:
+                raise DataError(f"write_iu_phantom: the report table from {reports or 'the default NLMCXR_reports.tgz'} "
+                                f"has no column {col!r}")
+        studies = _iu_random_studies(df, limit, seed)
+    else:
+        r2gen = _R2GenIU(split_dir)
+        rows = iter_openi_reports(reports)
+        studies = r2gen.first(rows, limit) if limit else r2gen.stream(rows)
+    mapped, unmapped = collections.Counter(), collections.Counter()
+    written: list[dict] = []
+
+    def jobs_of(root: str):
+        for st in studies:
+            found: list[Finding] = []
+            terms = st["mesh_major"]
+            for term in terms if isinstance(terms, (list, tuple)) else []:
+                mt = parse_mesh_term(term)
+                fs = mesh_to_findings(mt.heading, mt.qualifiers)
+                if fs is None:
+                    unmapped[mt.raw.strip() or term] += 1
+                else:
+                    mapped[mt.raw.strip() or term] += 1
+                    found += fs
+            st = {**st, "normal": not found}
+            written.append(st)
+            views = int(st["views"])
+            yield (root, seed, int(st["index"]), st["id"], _merge(found), size) + ((views,) if views != 2 else ())
+
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        jobs = [(str(tmp),) + j[1:] for j in jobs]
-        log.info("rendering %d IU X-Ray studies (2 views each) at %d px", len(jobs), size)
+        if isinstance(studies, list):
+            jobs = list(jobs_of(str(tmp)))
+            log.info("rendering %d IU X-Ray studies (%d with 2 views) at %d px", len(jobs),
+                     sum(1 for st in written if st["views"] == 2), size)
+        else:
+            jobs = jobs_of(str(tmp))
+            log.info("rendering every IU X-Ray study with findings and an image (1 or 2 views) at %d px", size)
         _run_jobs(_iu_job, jobs, workers, "iu-phantom")
+        if not written:
+            raise DataError("write_iu_phantom: no study with a findings section and an image")
+        written.sort(key=lambda st: st["index"])
+        n = len(written)
+        info = r2gen.summary(written, limit) if r2gen is not None else {}
+        ann = {"train": [], "val": [], "test": []}
+        for st in written:
+            uid = st["id"]
+            ann[st["split"]].append(dict(id=uid, report=st["report"],
+                                         image_path=[f"{uid}/{v}.png" for v in range(int(st["views"]))],
+                                         split=st["split"]))
         (tmp / "annotation.json").write_text(json.dumps(ann) + "\n")
         summary = {
-            "studies": len(items),
+            "studies": n,
             "mapped_terms": int(sum(mapped.values())),
             "unmapped_terms": int(sum(unmapped.values())),
-            "normal_studies": int(sum(1 for j in jobs if not j[4])),
+            "normal_studies": int(sum(1 for st in written if st["normal"])),
             "mapped": dict(sorted(mapped.items(), key=lambda kv: (-kv[1], kv[0]))),
             "unmapped": dict(sorted(unmapped.items(), key=lambda kv: (-kv[1], kv[0]))),
         }
         (tmp / "mesh_mapping.json").write_text(json.dumps(summary, indent=2) + "\n")
-        what = (f"Real IU X-Ray reports (Open-i, CC BY-NC-ND 4.0) with synthetic radiographs drawn from their\n"
-                f"MeSH indexing, R2Gen layout: annotation.json + images/<id>/0.png (frontal), 1.png (lateral).\n"
-                f"{len(items)} studies; see mesh_mapping.json for the terms that were and were not drawn.")
+        if r2gen is None:
+            what = (f"Real IU X-Ray reports (Open-i, CC BY-NC-ND 4.0) with synthetic radiographs drawn from their\n"
+                    f"MeSH indexing, R2Gen layout: annotation.json + images/<id>/0.png (frontal), 1.png (lateral).\n"
+                    f"{n} studies; see mesh_mapping.json for the terms that were and were not drawn.")
+        else:
+            (tmp / "split.json").write_text(json.dumps(info, indent=2) + "\n")
+            what = (f"Real IU X-Ray reports (Open-i, CC BY-NC-ND 4.0; findings sections) with synthetic radiographs\n"
+                    f"drawn from their MeSH indexing, R2Gen layout and R2Gen's split (Chen et al., EMNLP 2020):\n"
+                    f"annotation.json + images/<id>/0.png (frontal), 1.png (lateral, where the study has two views).\n"
+                    f"{n} studies (train/val/test {info['studies']['train']}/{info['studies']['val']}/"
+                    f"{info['studies']['test']}); split.json for the split, mesh_mapping.json for the MeSH terms.")
         (tmp / "README.txt").write_text(_README.format(what=what, fn="write_iu_phantom", seed=seed, size=size))
         _write_marker(tmp, "iu_phantom", "iu-phantom (real IU X-Ray reports, rendered radiographs)",
                       "reports CC BY-NC-ND 4.0 (Indiana University / Open-i); rendered images MIT",
                       "cxpmrg_lib.data.phantom.write_iu_phantom")
-    log.info("iu-phantom: %d studies, %d MeSH terms drawn, %d not drawn (top: %s)", len(items), sum(mapped.values()),
+    log.info("iu-phantom: %d studies, %d MeSH terms drawn, %d not drawn (top: %s)", n, sum(mapped.values()),
              sum(unmapped.values()), ", ".join(f"{k} x{v}" for k, v in unmapped.most_common(5)))
+    if r2gen is not None:
+        log.info("iu-phantom, R2Gen split: train/val/test %d/%d/%d studies (%d/%d/%d with two views); of R2Gen's "
+                 "%d val and %d test studies %d and %d found with findings%s", *info["studies"].values(),
+                 *info["two_views"].values(), *info["r2gen_listed"].values(), *info["r2gen_found"].values(),
+                 f"; {len(info['missing'])} missing (split.json lists them): "
+                 + ", ".join(f"{m['study_id']} ({m['reason']})" for m in info["missing"][:10])
+                 + (", ..." if len(info["missing"]) > 10 else "") if info["missing"] else "")
     return Path(out)
