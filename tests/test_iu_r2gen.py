@@ -206,3 +206,17 @@ def test_bad_report_mid_stream_leaves_no_tree(tmp_path):
     with pytest.raises(DataError, match=r"ecgen-radiology/99\.xml"):
         write_iu_phantom(tmp_path / "out", reports=tgz, size=32, workers=1, split="r2gen", split_dir=split)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_negative_limit_asks_for_every_report(tmp_path, monkeypatch):
+    from cxpmrg_lib.data import phantom, prepare
+
+    seen = {}
+
+    def fake(out, **kw):
+        seen.update(kw, out=out)
+        return out
+
+    monkeypatch.setattr(phantom, "write_iu_phantom", fake)
+    out = prepare.ensure_iu_phantom(tmp_path, 32, 0, limit=-1, split="r2gen")
+    assert seen["limit"] is None and out == prepare.iu_phantom_dir(tmp_path, 32, 0, None, split="r2gen")

@@ -56,9 +56,10 @@ def ensure_iu_phantom(data_root: str | os.PathLike, size: int = DEFAULT_PHANTOM_
     split="random": the first `limit` reports, split 70/10/20 at random (the book's default).
     split="r2gen": the whole collection with a findings section and R2Gen's split (296 val, 590
     test); `limit` keeps that membership, the first studies of each split in proportion
-    (write_iu_phantom)."""
+    (write_iu_phantom). A negative `limit`: every report (as None)."""
     from cxpmrg_lib.data.phantom import write_iu_phantom
 
+    limit = None if limit is not None and limit < 0 else limit
     out = iu_phantom_dir(data_root, size, seed, limit or None, split=split)
     if out.exists():
         log.info("reusing the iu-phantom at %s", out)
