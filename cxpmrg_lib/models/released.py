@@ -58,28 +58,26 @@ class ReleasedCheckpointError(DataError):
     ValueError) that names the file, so that the command line reports it in one line."""
 
 
-def to_released_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our encoder's state dict under the released names (stage-2/3 layout)."""
+def _renamed(state_dict: Mapping[str, torch.Tensor], pairs) -> dict[str, torch.Tensor]:
+    """Each key with the first matching prefix of (old, new) `pairs` replaced."""
     out = {}
     for key, value in state_dict.items():
-        for theirs, ours in RELEASED_NAMES:
-            if key.startswith(ours):
-                key = theirs + key[len(ours):]
+        for old, new in pairs:
+            if key.startswith(old):
+                key = new + key[len(old):]
                 break
         out[key] = value
     return out
+
+
+def to_released_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our encoder's state dict under the released names (stage-2/3 layout)."""
+    return _renamed(state_dict, [(ours, theirs) for theirs, ours in RELEASED_NAMES])
 
 
 def from_released_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A released encoder state dict (stage-2/3 names) under our names."""
-    out = {}
-    for key, value in state_dict.items():
-        for theirs, ours in RELEASED_NAMES:
-            if key.startswith(theirs):
-                key = ours + key[len(theirs):]
-                break
-        out[key] = value
-    return out
+    return _renamed(state_dict, RELEASED_NAMES)
 
 
 class _Stub:
