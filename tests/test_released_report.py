@@ -187,3 +187,10 @@ def test_our_report_model_exported_to_the_released_formats_gives_the_same_report
         from cxpmrg_lib.models.vision_mamba import EncoderConfig, VisionMamba
         export_released(ReportModel(VisionMamba(EncoderConfig(image_size=32, patch_size=8, dim=32, depth=1)), head),
                         tmp_path / "no")
+
+
+def test_export_released_names_a_folder_that_is_no_export(tmp_path):
+    from cxpmrg_lib.stages.export import export_released
+
+    with pytest.raises(FileNotFoundError, match="export"):
+        export_released(tmp_path, tmp_path / "out")

@@ -204,14 +204,17 @@ def export_released(source, out_dir: str | os.PathLike, include_lm: bool = True,
     written in the released MambaXray-VL formats: `<out_dir>/stage2.pth`, `<out_dir>/stage3.pth`
     (`models.released_report.released_checkpoints`) and, with `include_lm`, `<out_dir>/llm/` (the frozen LM and
     its tokenizer). `ReportGenerator.from_released(out/"stage3.pth", out/"llm", stage2=out/"stage2.pth")` and
-    the released code read them. `source`: a stage-3 run folder, its export, or a loaded `ReportModel`."""
+    the released code read them. `source`: a stage-3 run folder (its `export/`), that export, or a loaded
+    `ReportModel`."""
     import torch
 
     from cxpmrg_lib.models.released_report import released_checkpoints
 
     if isinstance(source, (str, os.PathLike)):
-        from cxpmrg_lib.stages.generate import ReportGenerator
-        model = ReportGenerator.from_pretrained(source).model
+        folder = Path(source) if is_export(source) else Path(source) / "export"
+        if not is_export(folder):
+            raise FileNotFoundError(f"{source}: neither a stage-3 run with an export/ folder nor an export")
+        model = load_exported(folder)
     else:
         model = source
     stage2, stage3 = released_checkpoints(model)
